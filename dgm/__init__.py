@@ -1,0 +1,6 @@
+"""dgm: deep generative models on small image data (VAE, GAN, RealNVP)."""
+
+from dgm.vae import VAE
+
+__all__ = ["VAE"]
+__version__ = "0.1.0"

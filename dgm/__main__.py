@@ -1,0 +1,5 @@
+import sys
+
+from dgm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,209 @@
+"""The ``dgm`` command: train, evaluate, sample, draw and report.
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dgm.config import CONFIGS, field_type, from_dict, validate
+from dgm.errors import DgmError
+
+# Options of a run that may change when it is resumed; the rest define the run.
+RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        base, _ = field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default})"}
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif base == list[int]:
+            p.add_argument(flag, type=_int_list, metavar="N,N,...", **kw)
+        else:
+            p.add_argument(flag, type=base, metavar=f.name.upper(),
+                           choices=f.metadata.get("choices"), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="dgm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a model into a run folder")
+    models = p.add_subparsers(dest="model", required=True, parser_class=Parser)
+    for name, cls in CONFIGS.items():
+        m = models.add_parser(name, help=f"train a {name}")
+        m.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file; "
+                                                             "flags win over it")
+        m.add_argument("--out", metavar="RUN", help="run folder (default runs/<model>-<data>-<time>)")
+        m.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+        m.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+        _add_config_flags(m, cls)
+        m.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test metrics of a run (printed and saved as JSON)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--split", help="data split (default: the run's test_split)")
+    p.add_argument("--iw-samples", type=int, default=5000, metavar="K",
+                   help="importance samples per image for log p(x) (default 5000)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sample", help="a grid of samples from a trained run")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _add_common(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("manifold", help="the learned 2-D manifold of a VAE with latent_dim 2")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--size", type=int, default=20, help="rows and columns (default 20)")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _add_common(p)
+    p.set_defaults(func=cmd_manifold)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--data-dir", help="folder holding <dataset>/ IDX files")
+    p.add_argument("--offline", action="store_true", help="never download data")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_train(args) -> int:
+    from dgm.runs import default_run_dir, load_config, read_yaml
+    from dgm.train import train
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CONFIGS[args.model])
+             if hasattr(args, f.name)}
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise DgmError("--out and --resume name different folders; give only --resume RUN")
+        run = Path(args.resume)
+        model, cfg = load_config(run)
+        if model != args.model:
+            raise DgmError(f"{run} is a {model} run; resume it with: dgm train {model} "
+                           f"--resume {run}")
+        changed = [k for k, v in flags.items() if getattr(cfg, k) != v and k not in RESUMABLE]
+        if changed:
+            raise DgmError(f"--{changed[0].replace('_', '-')} cannot change on --resume; "
+                           f"only {', '.join(sorted(RESUMABLE))} can")
+        cfg = validate(dataclasses.replace(cfg, **flags))
+    else:
+        values = read_yaml(args.config) if args.config else {}
+        if values.pop("model", args.model) != args.model:
+            raise DgmError(f"{args.config} is a config for another model, not {args.model}")
+        cfg = from_dict(args.model, {**values, **flags}, source=args.config or "flags")
+        run = Path(args.out) if args.out else default_run_dir(args.model, cfg.dataset)
+    if not args.quiet:
+        print(f"dgm: training {args.model} on {cfg.dataset} into {run}", file=sys.stderr)
+    train(args.model, cfg, run, resume=bool(args.resume), quiet=args.quiet)
+    if not args.quiet:
+        print(f"dgm: done; run folder {run}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from dgm.evaluate import evaluate_run
+
+    if args.iw_samples < 1 or args.batch_size < 1:
+        raise DgmError("--iw-samples and --batch-size must be at least 1")
+    results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
+                           args.data_dir, args.offline, args.checkpoint,
+                           quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for key, value in results.items():
+        if isinstance(value, dict):
+            print(f"{key:>8}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in value.items()))
+        else:
+            print(f"{key:>8}: {value}")
+    print(f"saved {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from dgm.evaluate import load_model
+    from dgm.plots import save_grid
+
+    if not 1 <= args.n <= 4096:
+        raise DgmError("-n must lie in 1..4096")
+    _, _, model, _ = load_model(args.run, args.checkpoint, args.device)
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
+    print(save_grid(model.sample(args.n, generator=gen), _png(args.out)))
+    return 0
+
+
+def cmd_manifold(args) -> int:
+    from dgm.evaluate import load_model
+    from dgm.plots import save_grid
+
+    if not 2 <= args.size <= 100:
+        raise DgmError("--size must lie in 2..100")
+    name, cfg, model, _ = load_model(args.run, args.checkpoint, args.device)
+    if getattr(model, "latent_dim", None) != 2 or not hasattr(model, "manifold"):
+        raise DgmError(f"{args.run} is not a VAE with latent_dim 2; train one with "
+                       "dgm train vae --latent-dim 2")
+    print(save_grid(model.manifold(args.size), _png(args.out), nrow=args.size, scale=1))
+    return 0
+
+
+def _png(path: str) -> Path:
+    if not path.lower().endswith(".png"):
+        raise DgmError(f"--out {path} must end in .png")
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DgmError as e:
+        print(f"dgm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dgm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"dgm: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Training configurations: one flat dataclass per model, defaults that reproduce the report.
+
+Every field is an option: the command line makes a flag of it (``latent_dim`` ->
+``--latent-dim``), a YAML file may set it, and the run folder records it.
+Flags win over YAML, YAML over defaults. ``metadata`` holds the help text and
+the allowed range, checked by :func:`validate`.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from dgm.errors import DgmError
+
+__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "from_dict"]
+
+
+def opt(default, help: str, **limits):
+    """A config field with help text and limits (min, max, choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
+    return field(default=default, metadata={"help": help, **limits})
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = opt("mnist", "data set", choices=("mnist", "fashion-mnist"))
+    data_dir: str | None = opt(None, "folder holding <dataset>/ IDX files (else DGM_DATA_DIR, "
+                                     "the cache, /usr/share/datasets, download)")
+    offline: bool = opt(False, "never download data")
+    train_split: str = opt("train[:90%]", "training split, e.g. 'train', 'test[:9000]'")
+    val_split: str = opt("train[90%:]", "validation split, e.g. 'test[9000:]'")
+    test_split: str = opt("test", "test split used by 'dgm evaluate'")
+    epochs: int = opt(40, "number of epochs", min=0)
+    batch_size: int = opt(128, "images per optimisation step", min=1)
+    lr: float = opt(1e-3, "Adam learning rate", min=0.0)
+    seed: int = opt(0, "random seed for weights, batches and noise", min=0)
+    sample_epochs: list[int] = opt([0, 10, 20, 30, 40],
+                                   "epochs at which to save a sample grid (0 = before training)")
+    num_samples: int = opt(16, "images in each sample grid", min=1, max=1024)
+    device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("fp32", "bf16 autocast on supporting GPUs", choices=("fp32", "bf16"))
+    compile: bool = opt(False, "torch.compile the model")
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    latent_dim: int = opt(20, "size of the latent space (2 draws the manifold)", min=1)
+    hidden_dim: int = opt(500, "width of the encoder's and decoder's hidden layer", min=1)
+    manifold_epochs: list[int] = opt([0, 20, 40], "epochs at which to draw the manifold "
+                                                  "(latent_dim 2 only)")
+    manifold_size: int = opt(20, "rows and columns of the manifold picture", min=2, max=100)
+
+
+@dataclass
+class GANConfig(TrainConfig):
+    latent_dim: int = opt(100, "size of the generator's noise input", min=1)
+    epochs: int = opt(200, "number of epochs", min=0)
+    batch_size: int = opt(64, "images per optimisation step", min=1)
+    lr: float = opt(5e-4, "Adam learning rate of both networks", min=0.0)
+    beta1: float = opt(0.9, "Adam beta1", min=0.0, max=1.0)
+    beta2: float = opt(0.999, "Adam beta2", min=0.0, max=1.0)
+    sample_epochs: list[int] = opt([0, 2, 8, 100, 200],
+                                   "epochs at which to save a sample grid (0 = before training)")
+
+
+@dataclass
+class FlowConfig(TrainConfig):
+    pass
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig}
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a config field."""
+    t = f.type
+    args = typing.get_args(t)
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return t, False
+
+
+def _check(name: str, value, f: dataclasses.Field):
+    base, nullable = field_type(f)
+    if value is None and nullable:
+        return value
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise DgmError(f"option {name} must be a list of integers, got {value!r}")
+        return value
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[base](value)
+    if not ok:
+        raise DgmError(f"option {name} must be of type {base.__name__}, got {value!r}")
+    value = float(value) if base is float else value
+    m = f.metadata
+    if "choices" in m and value not in m["choices"]:
+        raise DgmError(f"option {name} must be one of {', '.join(m['choices'])}, got {value!r}")
+    if "min" in m and value < m["min"]:
+        raise DgmError(f"option {name} must be >= {m['min']}, got {value!r}")
+    if "max" in m and value > m["max"]:
+        raise DgmError(f"option {name} must be <= {m['max']}, got {value!r}")
+    return value
+
+
+def from_dict(model: str, values: dict, source: str = "config") -> TrainConfig:
+    """Build and validate a model's config from plain values (YAML or flags)."""
+    if model not in CONFIGS:
+        raise DgmError(f"unknown model {model!r}; choose one of: {', '.join(CONFIGS)}")
+    cls = CONFIGS[model]
+    if not isinstance(values, dict):
+        raise DgmError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise DgmError(f"unknown option {unknown[0]!r} in {source} for model {model}; "
+                       f"known: {', '.join(fields)}")
+    checked = {k: _check(k, v, fields[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field of an existing config (e.g. after flags were applied)."""
+    for f in dataclasses.fields(cfg):
+        _check(f.name, getattr(cfg, f.name), f)
+    return cfg

@@ -1,0 +1,95 @@
+"""Test metrics of a trained run, and loading a run's model for pictures."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dgm.data import load_split
+from dgm.errors import DgmError
+from dgm.maths import bits_per_dim
+from dgm.runs import atomic_write, load_checkpoint, load_config
+from dgm.train import build_model, resolve_device
+
+__all__ = ["evaluate_run", "evaluate_vae", "load_model"]
+
+# Test images are binarised / dequantised with this seed in every run, so numbers compare.
+EVAL_SEED = 1234
+
+
+def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
+    """Return ``(model name, config, model in eval mode, checkpoint dict)`` of a run folder."""
+    run = Path(run)
+    name, cfg = load_config(run)
+    path = run / "checkpoints" / f"{checkpoint}.pt"
+    if checkpoint == "best" and not path.exists():
+        path = run / "checkpoints" / "last.pt"
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(path, name, map_location=dev)
+    model = build_model(name, cfg)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise DgmError(f"checkpoint {path} does not fit the model in {run}/config.yaml; "
+                       "was the config edited? restore it or retrain") from None
+    return name, cfg, model.to(dev).eval(), ckpt
+
+
+def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 5000,
+                 batch_size: int = 100, device: str = "auto", data_dir: str | None = None,
+                 offline: bool = False, checkpoint: str = "best", quiet: bool = False) -> dict:
+    """Compute a run's test metrics, write them to ``run/evaluation.json`` and return them."""
+    run = Path(run)
+    name, cfg, model, ckpt = load_model(run, checkpoint, device)
+    split = split or cfg.test_split
+    x, _ = load_split(cfg.dataset, split, data_dir or cfg.data_dir, offline or cfg.offline)
+    dev = next(model.parameters()).device
+    t0 = time.perf_counter()
+    results = {"model": name, "dataset": cfg.dataset, "split": split, "n_images": len(x),
+               "checkpoint": checkpoint, "epoch": ckpt["epoch"]}
+    if name == "vae":
+        results |= evaluate_vae(model, x.to(dev), iw_samples, batch_size, quiet)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write(run / "evaluation.json", lambda f: f.write(json.dumps(results, indent=2)),
+                 mode="w")
+    return results
+
+
+@torch.no_grad()
+def evaluate_vae(model, x_uint8: torch.Tensor, k: int, batch_size: int = 100,
+                 quiet: bool = False) -> dict:
+    """Test ELBO, IWAE_k and the naive prior-sampling estimate of log p(x), in nats per image.
+
+    Each estimate comes with ``sem_nats`` (standard error of the mean over images) and
+    ``mc_stderr_nats`` / ``ess`` (the per-image Monte-Carlo standard error and effective
+    sample size, averaged over images), which show how poorly the naive estimator converges.
+    """
+    gen = torch.Generator(x_uint8.device).manual_seed(EVAL_SEED)
+    x = model.prepare(x_uint8, gen)
+    torch.manual_seed(EVAL_SEED)
+    dims = x[0].numel()
+    elbo, est = [], {"iwae": ([], [], []), "naive": ([], [], [])}
+    batches = range(0, len(x), batch_size)
+    for start in tqdm(batches, desc=f"IWAE and naive estimates, k={k}", disable=quiet or None):
+        xb = x[start:start + batch_size]
+        elbo.append(model.elbo(xb))
+        for key, proposal in (("iwae", "posterior"), ("naive", "prior")):
+            for acc, value in zip(est[key], model.log_likelihood(xb, k, proposal), strict=True):
+                acc.append(value)
+
+    def summary(values: torch.Tensor) -> dict:
+        mean = values.mean().item()
+        return {"log_px_nats": mean,
+                "sem_nats": (values.std() / math.sqrt(len(values))).item(),
+                "bits_per_dim": bits_per_dim(-mean, dims)}
+
+    elbo_t = torch.cat(elbo)
+    out = {"elbo": summary(elbo_t)}
+    for key in ("iwae", "naive"):
+        log_px, stderr, ess = (torch.cat(v) for v in est[key])
+        out[key] = {"k": k, **summary(log_px), "mc_stderr_nats": stderr.mean().item(),
+                    "ess": ess.mean().item()}
+    return out

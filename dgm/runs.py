@@ -1,0 +1,148 @@
+"""The run folder and the checkpoint format: their one owner.
+
+A run folder holds ``config.yaml`` (the model's name and resolved options),
+``metrics.csv`` (one row per epoch), ``checkpoints/{last,best}.pt``, sample
+grids, curve plots, evaluation results and the HTML report. Every file is
+written atomically (temporary file, fsync, rename), so a run killed at any
+moment leaves the previous version of each file intact.
+"""
+
+import csv
+import dataclasses
+import fcntl
+import io
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from dgm.config import TrainConfig, from_dict
+from dgm.errors import DgmError
+
+__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_config", "read_metrics",
+           "save_checkpoint", "save_config", "write_metrics"]
+
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
+    """Write a file through ``write(f)`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_run_dir(model: str, dataset: str) -> Path:
+    return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def save_config(run: Path, model: str, cfg: TrainConfig) -> None:
+    text = yaml.safe_dump({"model": model, **dataclasses.asdict(cfg)}, sort_keys=False)
+    atomic_write(run / "config.yaml", lambda f: f.write(text), mode="w")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning every failure into a one-line error."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise DgmError(f"cannot read config {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise DgmError(f"config {path} is not valid YAML{at}; fix the file") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise DgmError(f"config {path} must be a mapping of option: value")
+    return values
+
+
+def load_config(run: str | Path) -> tuple[str, TrainConfig]:
+    """Return ``(model name, config)`` of a run folder."""
+    run = Path(run)
+    path = run / "config.yaml"
+    if not run.is_dir() or not path.is_file():
+        raise DgmError(f"{run} is not a dgm run folder (no config.yaml); "
+                       "give the folder that 'dgm train' wrote")
+    values = read_yaml(path)
+    model = values.pop("model", None)
+    return model, from_dict(str(model), values, source=str(path))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
+
+
+def load_checkpoint(path: str | Path, model: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise DgmError(f"no checkpoint at {path}; train first, or give a run folder that has one")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DgmError(f"checkpoint {path} is corrupt or not a dgm checkpoint ({first[:120]}); "
+                       "resume from another checkpoint or retrain") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model" not in ckpt:
+        raise DgmError(f"{path} is not a dgm checkpoint; give a file that 'dgm train' wrote")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise DgmError(f"checkpoint {path} has format {ckpt['format_version']}, newer than this "
+                       f"dgm's {FORMAT_VERSION}; upgrade dgm")
+    if model is not None and ckpt["model"] != model:
+        raise DgmError(f"checkpoint {path} holds a {ckpt['model']} model, not a {model}")
+    return ckpt
+
+
+def write_metrics(run: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+
+    atomic_write(run / "metrics.csv", write, mode="w")
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else None for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so that two trainings cannot write the same run."""
+
+    def __init__(self, run: Path):
+        run.mkdir(parents=True, exist_ok=True)
+        self.file = open(run / ".lock", "w")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise DgmError(f"{run} is in use by another dgm process; wait for it to finish "
+                           "or choose another --out") from None
+
+    def release(self) -> None:
+        self.file.close()

@@ -1,0 +1,220 @@
+"""The one trainer: loop, devices, checkpoints, metrics, pictures and their cadence.
+
+Each model owns its update rule (``configure_optimizers``, ``training_step``,
+``validation_step``, ``prepare``); this module owns everything around it.
+"""
+
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dgm.config import TrainConfig
+from dgm.data import load_split
+from dgm.errors import DgmError
+from dgm.plots import plot_curves, save_grid
+from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
+from dgm.vae import VAE
+
+__all__ = ["MODELS", "build_model", "resolve_device", "train"]
+
+MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE}
+
+
+def build_model(name: str, cfg: TrainConfig) -> torch.nn.Module:
+    if name not in MODELS:
+        raise DgmError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name].from_config(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DgmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class NonFiniteLoss(DgmError):
+    pass
+
+
+class Interrupted(DgmError):
+    exit_code = 130  # the shell's convention for SIGINT
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
+          quiet: bool = False) -> list[dict]:
+    """Train ``model_name`` with ``cfg`` into the run folder ``run``; return the metrics rows.
+
+    With ``resume`` the run continues from ``run/checkpoints/last.pt``, restoring weights,
+    optimiser and random states, so that the result equals an uninterrupted run.
+    """
+    run = Path(run)
+    device = resolve_device(cfg.device)
+    if cfg.precision == "bf16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        raise DgmError("--precision bf16 needs a GPU with bf16 support; use --precision fp32")
+    last_path = run / "checkpoints" / "last.pt"
+    if not resume and last_path.exists():
+        raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
+                       "or choose another --out")
+    if resume and not last_path.exists():
+        raise DgmError(f"{run} has no checkpoint to resume from; start it without --resume")
+
+    torch.manual_seed(cfg.seed)
+    train_x, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.offline)
+    val_x, _ = load_split(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.offline)
+    if len(train_x) < cfg.batch_size:
+        raise DgmError(f"training split {cfg.train_split!r} has {len(train_x)} images, fewer "
+                       f"than one batch of {cfg.batch_size}; lower --batch-size")
+    train_x, val_x = train_x.to(device), val_x.to(device)
+
+    model = build_model(model_name, cfg).to(device)
+    optimizers = model.configure_optimizers(cfg)
+    data_gen = torch.Generator(device).manual_seed(cfg.seed)
+    history, epoch, step = [], 0, 0
+
+    lock = RunLock(run)
+    try:
+        if resume:
+            ckpt = load_checkpoint(last_path, model_name, map_location=device)
+            model.load_state_dict(ckpt["state_dict"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][name])
+            history, epoch, step = ckpt["history"], ckpt["epoch"], ckpt["step"]
+            data_gen.set_state(ckpt["rng"]["data"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        save_config(run, model_name, cfg)
+        write_metrics(run, history)  # drops rows of an epoch that never reached a checkpoint
+        # Validation images are prepared (binarised, dequantised) once, with a fixed seed, so
+        # that validation numbers are comparable across epochs and runs.
+        val_in = model.prepare(val_x, torch.Generator(device).manual_seed(cfg.seed + 1))
+        if cfg.compile:
+            model.compile()
+        if epoch == 0:
+            _pictures(model, cfg, run, 0)
+
+        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while epoch < cfg.epochs:
+                t0 = time.perf_counter()
+                stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
+                                           epoch + 1, step, quiet)
+                val = _validate(model, val_in, cfg, device)
+                epoch += 1
+                row = {"epoch": epoch, "step": step, **stats, **val,
+                       "time_s": round(time.perf_counter() - t0, 3)}
+                history.append(row)
+                _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device,
+                      cfg)
+                write_metrics(run, history)
+                plot_curves(history, model.curves, run / "curves.png",
+                            title=f"{model_name} on {cfg.dataset}")
+                _pictures(model, cfg, run, epoch)
+                if not quiet:
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                      if k not in ("epoch", "step"))
+                    tqdm.write(f"epoch {epoch}/{cfg.epochs}  {shown}")
+        except KeyboardInterrupt:
+            done = f"epoch {epoch}" if epoch else "no epoch"
+            raise Interrupted(f"interrupted during epoch {epoch + 1}; {done} is saved in {run}; "
+                           f"continue with: dgm train {model_name} --resume {run}") from None
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+    finally:
+        lock.release()
+    return history
+
+
+def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet):
+    model.train()
+    n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
+    perm = torch.randperm(len(train_x), generator=data_gen, device=device)
+    sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+               disable=quiet or None, file=sys.stderr)
+    for i in bar:
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        x = model.prepare(train_x[idx], data_gen)
+        with autocast(device, cfg.precision):
+            out = model.training_step(x, optimizers)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        step += 1
+        # Checking finiteness syncs with the device, so only now and then.
+        if i % 50 == 49 or i == n_batches - 1:
+            means = {k: (v / (i + 1)).item() for k, v in sums.items()}
+            bad = [k for k, v in means.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLoss(f"{bad[0]} became non-finite in epoch {epoch} (step {step}); "
+                                    f"the last good checkpoint (epoch {epoch - 1}) is kept; "
+                                    "lower --lr or change --seed and resume or restart")
+            bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+    return {k: (v / n_batches).item() for k, v in sums.items()}, step
+
+
+@torch.no_grad()
+def _validate(model, val_in, cfg, device) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    bs = max(cfg.batch_size, 500)
+    for start in range(0, len(val_in), bs):
+        x = val_in[start:start + bs]
+        with autocast(device, cfg.precision):
+            out = model.validation_step(x)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.float() * len(x)
+    return {k: (v / len(val_in)).item() for k, v in sums.items()}
+
+
+def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg):
+    rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    payload = {
+        "model": model_name,
+        "config": dataclasses.asdict(cfg),
+        "epoch": epoch,
+        "step": step,
+        "state_dict": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "history": history,
+        "rng": rng,
+    }
+    save_checkpoint(run / "checkpoints" / "last.pt", payload)
+    key, mode = model.best_metric
+    scores = [r[key] for r in history if r.get(key) is not None]
+    if scores and history[-1].get(key) == (max(scores) if mode == "max" else min(scores)):
+        save_checkpoint(run / "checkpoints" / "best.pt", payload)
+
+
+@torch.no_grad()
+def _pictures(model, cfg, run: Path, epoch: int) -> None:
+    """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold."""
+    model.eval()
+    if epoch in cfg.sample_epochs or epoch == cfg.epochs:
+        gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        save_grid(model.sample(cfg.num_samples, generator=gen),
+                  run / "samples" / f"epoch_{epoch:03d}.png")
+    if getattr(model, "latent_dim", None) == 2 and hasattr(model, "manifold") and (
+            epoch in getattr(cfg, "manifold_epochs", ()) or epoch == cfg.epochs):
+        n = cfg.manifold_size
+        save_grid(model.manifold(n), run / "manifold" / f"epoch_{epoch:03d}.png", nrow=n, scale=1)
