@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         m = models.add_parser(name, help=f"train a {name}")
         m.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file; "
                                                              "flags win over it")
-        m.add_argument("--out", metavar="RUN", help="run folder (default runs/<model>-<data>-<time>)")
+        m.add_argument("--out", metavar="RUN",
+                       help="run folder (default runs/<model>-<data>-<time>)")
         m.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
         m.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
         _add_config_flags(m, cls)

@@ -99,7 +99,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 def _read_idx(path: str) -> np.ndarray:
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DgmError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
+        raise DgmError(f"{path} is not an IDX file (bad magic number); "
+                       "delete it and fetch it again")
     ndim = raw[3]
     if ndim == 0 or len(raw) < 4 + 4 * ndim:
         raise DgmError(f"{path} is a truncated IDX file (incomplete header); fetch it again")
@@ -180,7 +181,7 @@ def _dataset(name: str) -> Dataset:
 
 def find_file(dataset: str, key: str, data_dir: str | Path | None = None,
               offline: bool = False) -> Path:
-    """Locate one IDX file of a data set (``key`` like 'train-images'), downloading it if allowed."""
+    """Locate one IDX file (``key`` like 'train-images'), downloading it if allowed."""
     info = _dataset(dataset).files[key]
     dirs = search_dirs(dataset, data_dir)
     for d in dirs:

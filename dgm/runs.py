@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 
 def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
-    """Write a file through ``write(f)`` so that readers see the old or the new file, never half."""
+    """Write a file through ``write(f)`` so readers see the old or new file, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
