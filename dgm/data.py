@@ -92,11 +92,15 @@ _MAX_BYTES = 1 << 30  # no IDX data set here is near 1 GiB; refuse gzip bombs an
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (raw or gzip) into a read-only array, checking its header and size."""
-    return _read_idx(str(path))
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DgmError(f"cannot read {path}: {e.strerror}") from None
+    return _read_idx(str(path), st.st_mtime_ns, st.st_size)
 
 
 @lru_cache(maxsize=16)
-def _read_idx(path: str) -> np.ndarray:
+def _read_idx(path: str, mtime_ns: int, size: int) -> np.ndarray:  # stat keys the cache
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DgmError(f"{path} is not an IDX file (bad magic number); "

@@ -49,16 +49,27 @@ def bits_per_dim(nll_nats: torch.Tensor | float, num_dims: int) -> torch.Tensor 
     return nll_nats / (num_dims * math.log(2))
 
 
-def log_mean_exp_stats(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Importance-sampling summary of log-weights along dim 0.
+def log_mean_exp_stats(log_w: torch.Tensor, groups: int = 10
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Importance-sampling summary of k log-weights along dim 0.
 
     Returns ``(log mean w, stderr, ess)``, each of shape log_w.shape[1:]:
-    the estimate log (1/k) sum_i w_i; its delta-method standard error
-    sqrt(1/ESS - 1/k), i.e. std(w) / (sqrt(k) mean(w)); and the effective
-    sample size (sum w)^2 / sum w^2, which is near 1 when one sample dominates.
+
+    - the estimate log (1/k) sum_i w_i;
+    - its standard error from ``groups`` independent sub-estimates (batch means):
+      std_j(log mean of group j) / sqrt(groups). Unlike the delta method, which
+      saturates near 1 nat when one weight dominates, this shows how far apart
+      independent runs of a heavy-tailed estimator land (NaN when k < 2);
+    - the effective sample size (sum w)^2 / sum w^2, near 1 when one weight dominates.
     """
     k = log_w.shape[0]
     log_sum = torch.logsumexp(log_w, 0)
     ess = torch.exp(2 * log_sum - torch.logsumexp(2 * log_w, 0))
-    stderr = torch.sqrt(torch.clamp(1 / ess - 1 / k, min=0))
+    m = min(groups, k)
+    if m < 2:
+        stderr = torch.full_like(log_sum, math.nan)
+    else:
+        per = k // m
+        sub = torch.logsumexp(log_w[: m * per].unflatten(0, (m, per)), 1) - math.log(per)
+        stderr = sub.std(0) / math.sqrt(m)
     return log_sum - math.log(k), stderr, ess

@@ -1,0 +1,182 @@
+"""End-to-end runs of the command line, and its promises about bad input and interruptions."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from dgm.cli import main
+from dgm.runs import RunLock, load_checkpoint, read_metrics
+
+TINY = ["--hidden-dim", "32", "--batch-size", "32", "--quiet"]
+
+
+def vae(fake_data_dir, out, *extra):
+    return ["train", "vae", "--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+            "--train-split", "train[:192]", "--val-split", "test[:64]", "--test-split",
+            "test[64:]", "--out", str(out), *TINY, *extra]
+
+
+def test_vae_end_to_end(fake_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "2", "--latent-dim", "2",
+                    "--sample-epochs", "0,1", "--manifold-epochs", "0")) == 0
+    for f in ("config.yaml", "metrics.csv", "curves.png", "checkpoints/last.pt",
+              "checkpoints/best.pt", "samples/epoch_000.png", "samples/epoch_001.png",
+              "samples/epoch_002.png", "manifold/epoch_000.png", "manifold/epoch_002.png"):
+        assert (run / f).is_file(), f
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_elbo", "val_elbo"} <= rows[0].keys()
+    assert yaml.safe_load((run / "config.yaml").read_text())["latent_dim"] == 2
+
+    assert main(["evaluate", str(run), "--iw-samples", "20", "--json", "--offline"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res == json.loads((run / "evaluation.json").read_text())
+    assert res["n_images"] == 64 and res["iwae"]["k"] == 20
+    assert res["elbo"]["log_px_nats"] <= res["iwae"]["log_px_nats"]
+    assert res["iwae"]["bits_per_dim"] > 0
+
+    assert main(["sample", str(run), "-n", "9", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["manifold", str(run), "--size", "5", "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_resume_equals_uninterrupted_run(fake_data_dir, tmp_path):
+    assert main(vae(fake_data_dir, tmp_path / "a", "--epochs", "3")) == 0
+    assert main(vae(fake_data_dir, tmp_path / "b", "--epochs", "1")) == 0
+    assert main(["train", "vae", "--resume", str(tmp_path / "b"), "--epochs", "3",
+                 "--quiet"]) == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(tmp_path / "a")]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"}
+                     for r in read_metrics(tmp_path / "b")]
+
+
+def test_yaml_config_and_flags_win(fake_data_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("latent_dim: 3\nhidden_dim: 16\nepochs: 1\n")
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--config", str(cfg), "--latent-dim", "4")) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["latent_dim"] == 4 and saved["hidden_dim"] == 32 and saved["epochs"] == 1
+
+
+def one_line_error(capsys, code, argv, match):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("dgm: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert match in errors[0], err
+
+
+def test_bad_input_gives_one_line(fake_data_dir, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("latent_dim: twenty\n")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("latent_dim: [1,\n")
+    unknown_yaml = tmp_path / "unknown.yaml"
+    unknown_yaml.write_text("latnet_dim: 3\n")
+    cases = [
+        (vae(tmp_path / "empty", tmp_path / "r1"), "not found"),
+        (vae(fake_data_dir, tmp_path / "r2", "--latent-dim", "-3"), "latent_dim must be >= 1"),
+        (vae(fake_data_dir, tmp_path / "r3", "--config", str(bad_yaml)), "must be of type int"),
+        (vae(fake_data_dir, tmp_path / "r4", "--config", str(broken_yaml)), "not valid YAML"),
+        (vae(fake_data_dir, tmp_path / "r5", "--config", str(unknown_yaml)), "'latnet_dim'"),
+        (vae(fake_data_dir, tmp_path / "r6", "--config", str(tmp_path / "no.yaml")), "no.yaml"),
+        (vae(fake_data_dir, tmp_path / "r7", "--train-split", "valid"), "bad split"),
+        (["evaluate", str(tmp_path)], "not a dgm run folder"),
+        (["sample", str(tmp_path / "missing"), "--out", "x.png"], "not a dgm run folder"),
+    ]
+    for argv, match in cases:
+        one_line_error(capsys, 1, argv, match)
+    # argparse-level mistakes: usage errors exit 2, also on one line
+    for argv in (["train", "vae", "--dataset", "cifar"], ["train", "vae", "--epochs", "x"],
+                 ["train", "wgan"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "error" in err
+
+
+def test_refuses_foreign_tampered_and_newer_checkpoints(fake_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    last = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    one_line_error(capsys, 1, ["train", "gan", "--resume", str(run)], "is a vae run")
+    one_line_error(capsys, 1, vae(fake_data_dir, run, "--epochs", "2"), "--resume")
+    torch.save({**ckpt, "format_version": 99}, last)
+    one_line_error(capsys, 1, ["evaluate", str(run), "--checkpoint", "last"], "newer")
+    torch.save({**ckpt, "model": "gan"}, last)
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run)], "holds a gan model")
+    last.write_bytes(last.read_bytes()[:1000])
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run)], "corrupt")
+    # a pickle that would run code is refused by weights_only loading
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    last.write_bytes(pickle.dumps(Evil()))
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run)], "corrupt")
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(fake_data_dir, tmp_path, capsys,
+                                                     monkeypatch):
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    from dgm.vae import VAE
+
+    def nan_step(self, x, optimizers):
+        return {"train_elbo": torch.tensor(float("nan"))}
+
+    monkeypatch.setattr(VAE, "training_step", nan_step)
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run), "--epochs", "2",
+                               "--quiet"], "non-finite")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert len(read_metrics(run)) == 1
+
+
+def test_second_process_on_same_run_is_refused(tmp_path):
+    from dgm.errors import DgmError
+
+    lock = RunLock(tmp_path)
+    with pytest.raises(DgmError, match="in use by another dgm process"):
+        RunLock(tmp_path)
+    lock.release()
+    RunLock(tmp_path).release()
+
+
+def test_sigterm_saves_and_exits_non_zero_then_resumes(fake_data_dir, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    argv = [sys.executable, "-m", "dgm", *vae(fake_data_dir, run, "--epochs", "10000")]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 60
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    epochs = load_checkpoint(last)["epoch"]
+    assert [r["epoch"] for r in read_metrics(run)] == list(range(1, epochs + 1))
+    assert main(["train", "vae", "--resume", str(run), "--epochs", str(epochs + 1),
+                 "--quiet"]) == 0
+    assert load_checkpoint(last)["epoch"] == epochs + 1
