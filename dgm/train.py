@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dgm.config import TrainConfig
 from dgm.data import load_split
+from dgm.distributed import setup
 from dgm.errors import DgmError
 from dgm.plots import plot_curves, save_grid
 from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
@@ -60,16 +61,29 @@ def _raise_interrupt(signum, frame):
 
 
 def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
-          quiet: bool = False) -> list[dict]:
-    """Train ``model_name`` with ``cfg`` into the run folder ``run``; return the metrics rows.
+          quiet: bool = False) -> tuple[torch.nn.Module, list[dict]]:
+    """Train ``model_name`` with ``cfg`` into the run folder ``run``.
+
+    Returns the trained model and the metrics rows (one dict per epoch).
 
     With ``resume`` the run continues from ``run/checkpoints/last.pt``, restoring weights,
-    optimiser and random states, so that the result equals an uninterrupted run.
+    optimiser and random states, so that the result equals an uninterrupted run. Under
+    ``torchrun`` every rank trains on its shard of each batch and only rank 0 writes.
     """
     run = Path(run)
-    device = resolve_device(cfg.device)
+    ctx, device = setup(resolve_device(cfg.device))
+    try:
+        return _train(model_name, cfg, run, resume, quiet or not ctx.is_main, ctx, device)
+    finally:
+        ctx.close()
+
+
+def _train(model_name, cfg, run, resume, quiet, ctx, device):
     if cfg.precision == "bf16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         raise DgmError("--precision bf16 needs a GPU with bf16 support; use --precision fp32")
+    if cfg.batch_size % ctx.world:
+        raise DgmError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
+                       "processes; each takes an equal part of every batch")
     last_path = run / "checkpoints" / "last.pt"
     if not resume and last_path.exists():
         raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
@@ -90,7 +104,7 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     data_gen = torch.Generator(device).manual_seed(cfg.seed)
     history, epoch, step = [], 0, 0
 
-    lock = RunLock(run)
+    lock = RunLock(run) if ctx.is_main else None
     try:
         if resume:
             ckpt = load_checkpoint(last_path, model_name, map_location=device)
@@ -102,14 +116,17 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        save_config(run, model_name, cfg)
-        write_metrics(run, history)  # drops rows of an epoch that never reached a checkpoint
+        ctx.broadcast_module(model)
+        ctx.sync_optimizers(optimizers)
+        if ctx.is_main:
+            save_config(run, model_name, cfg)
+            write_metrics(run, history)  # drops rows of an epoch that never reached a checkpoint
         # Validation images are prepared (binarised, dequantised) once, with a fixed seed, so
         # that validation numbers are comparable across epochs and runs.
         val_in = model.prepare(val_x, torch.Generator(device).manual_seed(cfg.seed + 1))
         if cfg.compile:
             model.compile()
-        if epoch == 0:
+        if epoch == 0 and ctx.is_main:
             _pictures(model, cfg, run, 0)
 
         old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -117,18 +134,20 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
             while epoch < cfg.epochs:
                 t0 = time.perf_counter()
                 stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
-                                           epoch + 1, step, quiet)
-                val = _validate(model, val_in, cfg, device)
+                                           epoch + 1, step, quiet, ctx)
+                ctx.broadcast_module(model)  # BatchNorm statistics are per rank; keep rank 0's
+                val = _validate(model, val_in, cfg, device, ctx)
                 epoch += 1
                 row = {"epoch": epoch, "step": step, **stats, **val,
                        "time_s": round(time.perf_counter() - t0, 3)}
                 history.append(row)
-                _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device,
-                      cfg)
-                write_metrics(run, history)
-                plot_curves(history, model.curves, run / "curves.png",
-                            title=f"{model_name} on {cfg.dataset}")
-                _pictures(model, cfg, run, epoch)
+                if ctx.is_main:
+                    _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
+                          device, cfg)
+                    write_metrics(run, history)
+                    plot_curves(history, model.curves, run / "curves.png",
+                                title=f"{model_name} on {cfg.dataset}")
+                    _pictures(model, cfg, run, epoch)
                 if not quiet:
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
                                       if k not in ("epoch", "step"))
@@ -136,53 +155,59 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
         except KeyboardInterrupt:
             done = f"epoch {epoch}" if epoch else "no epoch"
             raise Interrupted(f"interrupted during epoch {epoch + 1}; {done} is saved in {run}; "
-                           f"continue with: dgm train {model_name} --resume {run}") from None
+                              f"continue with: dgm train {model_name} --resume {run}") from None
         finally:
             signal.signal(signal.SIGTERM, old_handler)
     finally:
-        lock.release()
-    return history
+        if lock:
+            lock.release()
+    return model, history
 
 
-def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet):
+def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet, ctx):
     model.train()
     n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
     perm = torch.randperm(len(train_x), generator=data_gen, device=device)
+    mine = ctx.shard(cfg.batch_size)
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                disable=quiet or None, file=sys.stderr)
     for i in bar:
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        x = model.prepare(train_x[idx], data_gen)
+        # Every rank prepares the whole batch and keeps its part, so the random binarisation
+        # or dequantisation equals a single process's.
+        x = model.prepare(train_x[idx], data_gen)[mine]
         with autocast(device, cfg.precision):
             out = model.training_step(x, optimizers)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         step += 1
-        # Checking finiteness syncs with the device, so only now and then.
+        # Checking finiteness syncs with the device (and the ranks), so only now and then.
         if i % 50 == 49 or i == n_batches - 1:
-            means = {k: (v / (i + 1)).item() for k, v in sums.items()}
+            means = {k: (ctx.sum(v.clone()) / ctx.world / (i + 1)).item() for k, v in sums.items()}
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(f"{bad[0]} became non-finite in epoch {epoch} (step {step}); "
                                     f"the last good checkpoint (epoch {epoch - 1}) is kept; "
                                     "lower --lr or change --seed and resume or restart")
             bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
-    return {k: (v / n_batches).item() for k, v in sums.items()}, step
+    return means, step
 
 
 @torch.no_grad()
-def _validate(model, val_in, cfg, device) -> dict[str, float]:
+def _validate(model, val_in, cfg, device, ctx) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
+    part = val_in[ctx.shard(len(val_in))] if len(val_in) >= ctx.world else val_in
     bs = max(cfg.batch_size, 500)
-    for start in range(0, len(val_in), bs):
-        x = val_in[start:start + bs]
+    for start in range(0, len(part), bs):
+        x = part[start:start + bs]
         with autocast(device, cfg.precision):
             out = model.validation_step(x)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.float() * len(x)
-    return {k: (v / len(val_in)).item() for k, v in sums.items()}
+    n = len(part) * ctx.world
+    return {k: (ctx.sum(v) / n).item() for k, v in sums.items()}
 
 
 def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg):

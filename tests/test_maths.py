@@ -4,8 +4,13 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from dgm.maths import (bernoulli_log_prob, bits_per_dim, kl_std_normal, log_mean_exp_stats,
-                       std_normal_log_prob)
+from dgm.maths import (
+    bernoulli_log_prob,
+    bits_per_dim,
+    kl_std_normal,
+    log_mean_exp_stats,
+    std_normal_log_prob,
+)
 
 
 def test_kl_matches_torch_distributions():
