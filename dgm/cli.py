@@ -13,7 +13,8 @@ from dgm.config import CONFIGS, field_type, from_dict, validate
 from dgm.errors import DgmError
 
 # Options of a run that may change when it is resumed; the rest define the run.
-RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs"}
+RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs",
+             "tensorboard"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_manifold)
+
+    p = sub.add_parser("data", help="where each data set was found; verify checksums")
+    p.add_argument("action", choices=("list", "check"))
+    p.add_argument("--data-dir", help="folder holding <dataset>/ IDX files")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of one run, or several compared")
+    p.add_argument("runs", metavar="RUN", nargs="+")
+    p.add_argument("--out", metavar="FILE.html",
+                   help="where to write (default RUN/report.html; required for several runs)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -181,6 +193,42 @@ def cmd_manifold(args) -> int:
         raise DgmError(f"{args.run} is not a VAE with latent_dim 2; train one with "
                        "dgm train vae --latent-dim 2")
     print(save_grid(model.manifold(args.size), _png(args.out), nrow=args.size, scale=1))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from dgm.data import DATASETS, find_file, read_idx, search_dirs, verify
+
+    bad = 0
+    for name, ds in DATASETS.items():
+        print(f"{name}  (looked in: {', '.join(map(str, search_dirs(name, args.data_dir)))})")
+        for key, info in ds.files.items():
+            try:
+                path = find_file(name, key, args.data_dir, offline=True)
+            except DgmError:
+                print(f"  {key:13} missing")
+                continue
+            status = ""
+            if args.action == "check":
+                try:
+                    problem = verify(path, info) if info.sha256 else None
+                    shape = read_idx(path).shape
+                except DgmError as e:
+                    problem = str(e)
+                status = (f"  BAD: {problem}" if problem else
+                          f"  ok {shape}" + ("" if info.sha256 else
+                                            " (structure only: no decompressed checksum known)"))
+                bad += bool(problem)
+            print(f"  {key:13} {path}{status}")
+    if bad:
+        raise DgmError(f"{bad} file(s) failed the check; delete them and fetch them again")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dgm.report import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
     precision: str = opt("fp32", "bf16 autocast on supporting GPUs", choices=("fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
+    tensorboard: bool = opt(False, "also log to RUN/tensorboard (needs: pip install tensorboard)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from dgm.runs import atomic_write
 
-__all__ = ["image_grid", "plot_curves", "save_grid"]
+__all__ = ["image_grid", "plot_compare", "plot_curves", "save_grid"]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -71,6 +71,40 @@ def plot_curves(rows: list[dict], panels: dict[str, list[str]], path: str | Path
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _write_atomic(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def plot_compare(series: dict[str, list[dict]], path: str | Path) -> Path:
+    """Several runs' metrics (label -> metrics rows), one panel per metric, a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = {"epoch", "step", "time_s"}
+    metrics = list(dict.fromkeys(k for rows in series.values() for r in rows for k in r
+                                 if k not in skip))
+    if not metrics:
+        metrics = ["time_s"]
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for label, rows in series.items():
+            pts = [(r["epoch"], r[metric]) for r in rows if r.get(metric) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=label)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     _write_atomic(Path(path), buf.getvalue())
     return Path(path)

@@ -28,6 +28,8 @@ __all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_config", "read_
            "save_checkpoint", "save_config", "write_metrics"]
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
@@ -40,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

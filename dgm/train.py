@@ -20,6 +20,7 @@ from dgm.data import load_split
 from dgm.distributed import setup
 from dgm.errors import DgmError
 from dgm.plots import plot_curves, save_grid
+from dgm.report import write_report
 from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
 from dgm.vae import VAE
 
@@ -104,6 +105,7 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     data_gen = torch.Generator(device).manual_seed(cfg.seed)
     history, epoch, step = [], 0, 0
 
+    board = _tensorboard(run) if cfg.tensorboard and ctx.is_main else None
     lock = RunLock(run) if ctx.is_main else None
     try:
         if resume:
@@ -147,7 +149,13 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
                     write_metrics(run, history)
                     plot_curves(history, model.curves, run / "curves.png",
                                 title=f"{model_name} on {cfg.dataset}")
-                    _pictures(model, cfg, run, epoch)
+                    samples = _pictures(model, cfg, run, epoch)
+                if board:
+                    for k, v in row.items():
+                        board.add_scalar(k, v, epoch)
+                    if samples is not None:
+                        board.add_images("samples", samples, epoch)
+                    board.flush()
                 if not quiet:
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
                                       if k not in ("epoch", "step"))
@@ -158,9 +166,13 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
                               f"continue with: dgm train {model_name} --resume {run}") from None
         finally:
             signal.signal(signal.SIGTERM, old_handler)
+        if ctx.is_main:
+            write_report([run])
     finally:
         if lock:
             lock.release()
+        if board:
+            board.close()
     return model, history
 
 
@@ -210,6 +222,15 @@ def _validate(model, val_in, cfg, device, ctx) -> dict[str, float]:
     return {k: (ctx.sum(v) / n).item() for k, v in sums.items()}
 
 
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DgmError("--tensorboard needs the tensorboard package; install it with "
+                       "'pip install tensorboard', or leave out --tensorboard") from None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
 def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg):
     rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
     if device.type == "cuda":
@@ -233,13 +254,18 @@ def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, de
 
 @torch.no_grad()
 def _pictures(model, cfg, run: Path, epoch: int) -> None:
-    """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold."""
+    """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold.
+
+    Returns the samples drawn, or None.
+    """
     model.eval()
+    samples = None
     if epoch in cfg.sample_epochs or epoch == cfg.epochs:
         gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-        save_grid(model.sample(cfg.num_samples, generator=gen),
-                  run / "samples" / f"epoch_{epoch:03d}.png")
+        samples = model.sample(cfg.num_samples, generator=gen)
+        save_grid(samples, run / "samples" / f"epoch_{epoch:03d}.png")
     if getattr(model, "latent_dim", None) == 2 and hasattr(model, "manifold") and (
             epoch in getattr(cfg, "manifold_epochs", ()) or epoch == cfg.epochs):
         n = cfg.manifold_size
         save_grid(model.manifold(n), run / "manifold" / f"epoch_{epoch:03d}.png", nrow=n, scale=1)
+    return samples

@@ -1,0 +1,158 @@
+"""One self-contained HTML page per run (or per comparison of runs), from run-folder files.
+
+Images are embedded as data URIs and a Content-Security-Policy forbids every
+network request, so the page opens anywhere, offline, exactly as written.
+"""
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import yaml
+
+from dgm.errors import DgmError
+from dgm.plots import plot_compare
+from dgm.runs import atomic_write, read_metrics
+
+__all__ = ["write_report"]
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd }
+table { border-collapse: collapse; font-size: 13px; margin: .5em 0 } td, th { padding: 2px 9px;
+  border-bottom: 1px solid #eee; text-align: right } th { background: #f6f6f6 }
+td:first-child, th:first-child { text-align: left }
+.scroll { max-height: 420px; overflow: auto; display: inline-block }
+figure { display: inline-block; margin: 6px 10px 6px 0; vertical-align: top; text-align: center }
+figcaption { font-size: 12px; color: #555 } img { image-rendering: pixelated; max-width: 100% }
+.muted { color: #777; font-size: 13px } .runs { display: flex; gap: 2em; flex-wrap: wrap }
+"""
+# Marks the page once every image has decoded; the browser test reads it.
+CHECK = """
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.images = ok + '/' + imgs.length;
+});
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _figures(paths: list[Path], caption) -> str:
+    return "".join(f"<figure>{_img(p, caption(p))}<figcaption>{html.escape(caption(p))}"
+                   "</figcaption></figure>" for p in paths)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return html.escape("" if v is None else str(v))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load(run: Path) -> dict:
+    if not (run / "config.yaml").is_file():
+        raise DgmError(f"{run} is not a dgm run folder (no config.yaml); "
+                       "give the folder that 'dgm train' wrote")
+    with open(run / "config.yaml") as f:
+        config = yaml.safe_load(f) or {}
+    evaluation = {}
+    if (run / "evaluation.json").is_file():
+        evaluation = json.loads((run / "evaluation.json").read_text())
+    return {"config": config, "metrics": read_metrics(run), "evaluation": evaluation}
+
+
+def _run_sections(run: Path, info: dict) -> str:
+    cfg, rows, ev = info["config"], info["metrics"], info["evaluation"]
+    parts = [f"<h2>Configuration</h2>{_table(['option', 'value'], list(cfg.items()))}"]
+    if ev:
+        parts.append("<h2>Evaluation</h2>" + _table(["metric", "value"],
+                                                    list(_flatten(ev).items())))
+    if (run / "curves.png").is_file():
+        parts.append(f"<h2>Curves</h2>{_img(run / 'curves.png', 'training curves')}")
+    if rows:
+        cols = list(rows[0])
+        parts.append(f"<h2>Metrics per epoch</h2><div class=scroll>"
+                     f"{_table(cols, [[r.get(c) for c in cols] for r in rows])}</div>")
+    epoch = lambda p: f"epoch {int(p.stem.split('_')[-1])}"  # noqa: E731
+    for folder, title in (("samples", "Samples"), ("manifold", "Manifold")):
+        pngs = sorted((run / folder).glob("epoch_*.png"))
+        if pngs:
+            parts.append(f"<h2>{title} by epoch</h2>{_figures(pngs, epoch)}")
+    extra = sorted(p for p in run.glob("*.png") if p.name != "curves.png")
+    if extra:
+        parts.append(f"<h2>Other pictures</h2>{_figures(extra, lambda p: p.stem)}")
+    return "".join(parts)
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
+            f"<script>{CHECK}</script></head><body><h1>{html.escape(title)}</h1>{body}"
+            "</body></html>")
+
+
+def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the HTML report of one run (default ``RUN/report.html``) or a comparison of several.
+
+    A comparison puts every metric the runs share on one plot per metric and their last epoch
+    and evaluation side by side; it needs ``out``.
+    """
+    runs = [Path(r) for r in runs]
+    infos = {r: _load(r) for r in runs}
+    if len(runs) == 1:
+        run = runs[0]
+        out = Path(out) if out else run / "report.html"
+        cfg = infos[run]["config"]
+        title = f"dgm {cfg.get('model', '?')} on {cfg.get('dataset', '?')}: {run.name}"
+        page = _page(title, f"<p class=muted>{html.escape(str(run.resolve()))}</p>"
+                            + _run_sections(run, infos[run]))
+    else:
+        if out is None:
+            raise DgmError("comparing runs needs --out FILE.html")
+        out = Path(out)
+        labels = [r.name for r in runs]
+        series = {r.name: infos[r]["metrics"] for r in runs}
+        curves = out.with_suffix(".curves.png")
+        plot_compare(series, curves)
+        summary = {}
+        for r in runs:
+            last = infos[r]["metrics"][-1] if infos[r]["metrics"] else {}
+            summary[r.name] = {**{f"config.{k}": v for k, v in infos[r]["config"].items()},
+                               **{f"last.{k}": v for k, v in last.items()},
+                               **_flatten(infos[r]["evaluation"], "eval.")}
+        keys = list(dict.fromkeys(k for s in summary.values() for k in s))
+        table = _table(["", *labels], [[k, *(summary[n].get(k) for n in labels)] for k in keys])
+        body = (f"<h2>Curves</h2>{_img(curves, 'curves of all runs')}"
+                f"<h2>Side by side</h2><div class=scroll>{table}</div>")
+        for r in runs:
+            body += f"<h2>{html.escape(r.name)}: samples</h2>" + _figures(
+                sorted((r / "samples").glob("epoch_*.png"))[-1:], lambda p: p.stem)
+        curves.unlink()
+        page = _page(f"dgm: {len(runs)} runs compared", body)
+    atomic_write(out, lambda f: f.write(page), mode="w")
+    return out

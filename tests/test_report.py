@@ -1,0 +1,83 @@
+"""The HTML report, opened in a real headless browser, and the data and TensorBoard commands."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from test_cli import vae
+
+from dgm.cli import main
+
+
+@pytest.fixture
+def run_pair(fake_data_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(vae(fake_data_dir, a, "--epochs", "2", "--latent-dim", "2",
+                    "--sample-epochs", "0,1")) == 0
+    assert main(vae(fake_data_dir, b, "--epochs", "2", "--lr", "1e-2")) == 0
+    assert main(["evaluate", str(a), "--iw-samples", "10", "--quiet"]) == 0
+    return a, b
+
+
+def test_report_is_self_contained(run_pair, tmp_path):
+    a, b = run_pair
+    assert (a / "report.html").is_file()  # train writes it at the end
+    assert main(["report", str(a)]) == 0
+    page = (a / "report.html").read_text()
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert not re.search(r'src="(?!data:)', page)  # every image embedded, nothing fetched
+    for needle in ("Configuration", "Evaluation", "Metrics per epoch", "Samples by epoch",
+                   "Manifold by epoch", "iwae.log_px_nats", "epoch 0", "latent_dim"):
+        assert needle in page, needle
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    cmp = out.read_text()
+    assert "Side by side" in cmp and ">a<" in cmp and ">b<" in cmp
+    assert not (tmp_path / "cmp.curves.png").exists()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (CI installs it)")
+def test_report_loads_in_headless_chromium(run_pair, tmp_path):
+    a, b = run_pair
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    for page in (a / "report.html", out):
+        proc = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        n_img = page.read_text().count("<img ")
+        assert n_img >= 2
+        # the page's own script counts the images that decoded
+        assert f'data-images="{n_img}/{n_img}"' in proc.stdout, proc.stdout[-500:]
+        console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+        assert not console, console
+
+
+def test_data_commands(real_data_dir, capsys):
+    assert main(["data", "check", "--data-dir", str(real_data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ok ") == 6 and "train-images  missing" in out  # MNIST train absent here
+
+
+def test_data_check_finds_a_corrupt_file(fake_data_dir, capsys):
+    (fake_data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bgarbage")
+    assert main(["data", "check", "--data-dir", str(fake_data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "BAD" in captured.out and "failed the check" in captured.err
+
+
+def test_tensorboard_logs_or_says_how_to_install(fake_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert main(vae(fake_data_dir, run, "--epochs", "1", "--tensorboard")) == 1
+        assert "pip install tensorboard" in capsys.readouterr().err
+    else:
+        assert main(vae(fake_data_dir, run, "--epochs", "1", "--tensorboard")) == 0
+        assert any((run / "tensorboard").glob("events.out.tfevents.*"))
