@@ -68,7 +68,24 @@ class GANConfig(TrainConfig):
 
 @dataclass
 class FlowConfig(TrainConfig):
-    pass
+    arch: str = opt("conv", "couplings: multi-scale residual conv nets (conv) or the report's "
+                            "MLPs (mlp)", choices=("conv", "mlp"))
+    hidden_dim: int | None = opt(None, "conditioner width (default: 32 channels for conv, "
+                                       "1024 units for mlp)", min=1)
+    num_blocks: int = opt(1, "residual blocks (conv) or hidden layers (mlp) per coupling", min=1)
+    num_couplings: int = opt(3, "couplings per mask type and scale (the mlp arch stacks twice "
+                                "this many)", min=1)
+    num_scales: int = opt(2, "squeeze + factor-out steps of the conv arch", min=0, max=2)
+    actnorm: bool = opt(True, "ActNorm before every coupling")
+    alpha: float = opt(1e-6, "logit pre-processing squeeze: logit(alpha + (1 - 2 alpha) x)",
+                       min=0.0, max=0.49)
+    scale_clamp: float = opt(2.0, "bound on each coupling's log-scale (soft clamp)", min=0.01)
+    temperature: float = opt(1.0, "prior standard deviation when sampling", min=0.0)
+    grad_clip: float = opt(100.0, "gradient norm clip (0 = off)", min=0.0)
+    warmup_steps: int = opt(200, "linear learning-rate warm-up steps (0 = off)", min=0)
+    batch_size: int = opt(64, "images per optimisation step", min=1)
+    sample_epochs: list[int] = opt([0, 1, 13, 26, 40],
+                                   "epochs at which to save a sample grid (0 = before training)")
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig}

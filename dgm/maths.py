@@ -1,7 +1,9 @@
 """The small amount of probability that every model shares.
 
-One home for closed-form KL, log-densities, log-mean-exp estimators and the
-nats <-> bits/dim conversion, so that each is written (and tested) once.
+One home for closed-form KL, log-densities, log-mean-exp estimators, the
+nats <-> bits/dim conversion and the flows' pre-processing (dequantisation and
+the logit transform with their log-determinants), so that each is written (and
+tested) once.
 """
 
 import math
@@ -13,8 +15,12 @@ __all__ = [
     "LOG_2PI",
     "bernoulli_log_prob",
     "bits_per_dim",
+    "dequantize",
+    "dequantize_logdet",
     "kl_std_normal",
     "log_mean_exp_stats",
+    "logit_inverse",
+    "logit_transform",
     "std_normal_log_prob",
 ]
 
@@ -73,3 +79,43 @@ def log_mean_exp_stats(log_w: torch.Tensor, groups: int = 10
         sub = torch.logsumexp(log_w[: m * per].unflatten(0, (m, per)), 1) - math.log(per)
         stderr = sub.std(0) / math.sqrt(m)
     return log_sum - math.log(k), stderr, ess
+
+
+def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantisation of 8-bit images: (x + u) / 256, u ~ U[0, 1)^D.
+
+    For any density q on [0, 1)^D, E_u[log q((x + u) / 256)] - D log 256 is a lower
+    bound on log P(x) of the discrete image (Theis et al., 2016, section 3.1; the
+    report's Gaussian noise gives no such bound). Shapes: uint8 (B, ...) -> float (B, ...).
+    """
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (x.float() + u) / 256.0
+
+
+def dequantize_logdet(num_dims: int) -> float:
+    """log |det| of the scaling v -> v / 256 from intensity units to [0, 1): -D log 256.
+
+    Added to a density of the scaled image, it gives the density on the 0..256
+    intensity scale, whose log is the bound on the 8-bit image's log-probability.
+    """
+    return -num_dims * math.log(256.0)
+
+
+def logit_transform(x: torch.Tensor, alpha: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = logit(alpha + (1 - 2 alpha) x), the pre-processing of RealNVP (Dinh et al., 2017, 4.1).
+
+    The squeeze by alpha keeps y finite at x = 0 or 1. Returns ``(y, logabsdet)`` with
+    logabsdet summed per example: sum_i log(1 - 2 alpha) - log s_i - log(1 - s_i),
+    s = alpha + (1 - 2 alpha) x, since d logit(s)/ds = 1 / (s (1 - s)).
+    Shapes: (B, ...) -> (B, ...), (B,).
+    """
+    s = alpha + (1 - 2 * alpha) * x
+    y = torch.log(s) - torch.log1p(-s)
+    # log s + log(1 - s) = -softplus(-y) - softplus(y), stable where s is near 0 or 1.
+    ld = math.log1p(-2 * alpha) + F.softplus(-y) + F.softplus(y)
+    return y, ld.flatten(1).sum(1)
+
+
+def logit_inverse(y: torch.Tensor, alpha: float = 1e-6) -> torch.Tensor:
+    """Inverse of :func:`logit_transform`: x = (sigmoid(y) - alpha) / (1 - 2 alpha)."""
+    return (torch.sigmoid(y) - alpha) / (1 - 2 * alpha)

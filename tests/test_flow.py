@@ -1,0 +1,233 @@
+"""Invariants of the RealNVP flow: exact inverses, log-determinants equal to autograd's,
+every pre-processing term counted, and a tiny flow that learns."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from dgm import RealNVP
+from dgm.cli import main
+from dgm.data import load_split
+from dgm.flow import (
+    ActNorm,
+    AffineCoupling,
+    MultiscaleTransform,
+    Squeeze,
+    Transform,
+    build_conv_flow,
+    build_mlp_flow,
+    checkerboard_mask,
+)
+from dgm.maths import LOG_2PI, logit_transform
+
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is as fast, and on a shared 2-core machine
+    two OpenMP threads spinning against other processes made this file 15x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed(t: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The module in ``dtype`` with every parameter moved off its (often identity) init."""
+    t = t.to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    for m in t.modules():
+        if isinstance(m, ActNorm):
+            m.initialized.fill_(True)
+    return t.eval()
+
+
+LAYERS = {
+    "actnorm": lambda: ActNorm(2),
+    "squeeze": lambda: Squeeze(),
+    "checkerboard-conv": lambda: AffineCoupling((2, 4, 4), "checkerboard", 0, "conv", 8, 1),
+    "checkerboard-conv-odd": lambda: AffineCoupling((2, 4, 4), "checkerboard", 1, "conv", 8, 1),
+    "channel-conv": lambda: AffineCoupling((2, 4, 4), "channel", 0, "conv", 8, 1),
+    "channel-conv-odd": lambda: AffineCoupling((2, 4, 4), "channel", 1, "conv", 8, 2),
+    "checkerboard-mlp": lambda: AffineCoupling((2, 4, 4), "checkerboard", 1, "mlp", 16, 2),
+    "channel-mlp": lambda: AffineCoupling((2, 4, 4), "channel", 0, "mlp", 16, 1),
+    "conv-flow-1-scale": lambda: build_conv_flow((2, 4, 4), 8, 1, 2, 1, True, 2.0),
+    "conv-flow-2-scales": lambda: build_conv_flow((2, 4, 4), 8, 1, 1, 2, True, 2.0),
+    "mlp-flow": lambda: build_mlp_flow((2, 4, 4), 16, 1, 2, True, 2.0),
+}
+
+
+def flat_jacobian_logdets(t: Transform, x: torch.Tensor) -> torch.Tensor:
+    """log |det J| per example from autograd's Jacobian of the whole batch, (B,)."""
+    def f(inp):
+        return t(inp)[0].reshape(len(inp), -1)
+
+    jac = torch.autograd.functional.jacobian(f, x)  # (B, D, B, C, H, W)
+    b = len(x)
+    jac = jac.reshape(b, -1, b, x[0].numel())
+    return torch.stack([torch.linalg.slogdet(jac[i, :, i])[1] for i in range(b)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layer_inverse_and_logdet(layer, dtype):
+    t = perturbed(LAYERS[layer](), dtype)
+    x = torch.randn(2, 2, 4, 4, dtype=dtype)
+    y, ld = t(x)
+    x_back, ld_inv = t.inverse(y)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert ld.shape == (2,) and torch.isfinite(y).all()
+    torch.testing.assert_close(x_back.reshape(x.shape), x, atol=tol, rtol=tol)
+    torch.testing.assert_close(ld_inv, -ld, atol=tol, rtol=tol)
+    torch.testing.assert_close(ld, flat_jacobian_logdets(t, x), atol=100 * tol, rtol=100 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_realnvp_inverse_and_logdet(arch, dtype):
+    model = perturbed(RealNVP(arch, (1, 4, 4), hidden_dim=8, num_blocks=1, num_couplings=2,
+                              num_scales=1), dtype)
+    x = RealNVP.prepare(torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)).to(dtype)
+    z, ld = model(x)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(model.inverse(z)[0], x, atol=tol, rtol=tol)
+    torch.testing.assert_close(model.inverse(z)[1], -ld, atol=100 * tol, rtol=100 * tol)
+    torch.testing.assert_close(ld, flat_jacobian_logdets(model, x), atol=100 * tol,
+                               rtol=100 * tol)
+
+
+def test_multiscale_latent_is_flat_and_complete():
+    t = build_conv_flow((1, 28, 28), 4, 1, 1, 2, True, 2.0)
+    assert isinstance(t, MultiscaleTransform)
+    assert t.out_shapes == [(4, 14, 14), (8, 7, 7), (4, 7, 7)]
+    z, _ = t.eval()(torch.randn(3, 1, 28, 28))
+    assert z.shape == (3, 784)
+
+
+def test_checkerboard_mask():
+    m = checkerboard_mask(3, 4, 0)[0, 0]
+    assert m[0, 0] == 1 and m[0, 1] == 0 and m[1, 0] == 0 and m.sum() == 6
+    assert torch.equal(checkerboard_mask(3, 4, 1)[0, 0], 1 - m)
+
+
+class Identity(Transform):
+    def forward(self, x):
+        return x.flatten(1), x.new_zeros(len(x))
+
+    def inverse(self, y):
+        return y.view(len(y), 1, 28, 28), y.new_zeros(len(y))
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 0.05])
+def test_preprocessing_terms_are_counted(alpha):
+    model = RealNVP(hidden_dim=4, num_blocks=1, num_couplings=1, alpha=alpha).double()
+    model.flow = Identity()
+    x_uint8 = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    x = RealNVP.prepare(x_uint8, torch.Generator().manual_seed(0)).double()
+    assert ((x * 256).floor() == x_uint8).all()  # (x + u) / 256 with u in [0, 1)
+    # By hand: N(logit(s); 0, 1), d logit(s)/dx = (1 - 2 alpha) / (s (1 - s)), and the
+    # 1/256 scaling of the 0..256 intensities to [0, 1).
+    s = alpha + (1 - 2 * alpha) * x
+    y = torch.log(s / (1 - s))
+    by_hand = (-0.5 * (y**2 + LOG_2PI)
+               + math.log(1 - 2 * alpha) - torch.log(s) - torch.log(1 - s)
+               - math.log(256)).flatten(1).sum(1)
+    torch.testing.assert_close(model.log_prob(x), by_hand, rtol=1e-12, atol=1e-9)
+
+
+def test_logit_logdet_matches_autograd():
+    x = torch.rand(1, 1, 2, 3, dtype=torch.float64)
+    y, ld = logit_transform(x, 0.05)
+    jac = torch.autograd.functional.jacobian(lambda v: logit_transform(v, 0.05)[0], x)
+    torch.testing.assert_close(ld, torch.linalg.slogdet(jac.reshape(6, 6))[1].view(1))
+
+
+def tiny_flow(**kw) -> RealNVP:
+    return RealNVP(hidden_dim=8, num_blocks=1, num_couplings=1, **kw)
+
+
+def test_train_and_eval_agree_after_actnorm_init():
+    model = tiny_flow()
+    x = RealNVP.prepare(torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8))
+    first = model.train().log_prob(x)  # initialises every ActNorm from this batch
+    assert all(m.initialized for m in model.modules() if isinstance(m, ActNorm))
+    torch.testing.assert_close(model.train().log_prob(x), first)
+    torch.testing.assert_close(model.eval().log_prob(x), first)
+    # The init state travels with the weights: a loaded model does not re-initialise.
+    other = tiny_flow()
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other.train().log_prob(x[:4]), first[:4])
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_every_parameter_gets_a_gradient(arch):
+    model = perturbed(RealNVP(arch, hidden_dim=8, num_blocks=1, num_couplings=1), torch.float32)
+    x = RealNVP.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8))
+    model.train().bits_per_dim(x).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_sample_and_generate():
+    model = tiny_flow(temperature=0.5).eval()
+    imgs = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert imgs.shape == (5, 1, 28, 28) and imgs.min() >= 0 and imgs.max() <= 1
+    again = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(imgs, again)
+    assert model.generate(torch.zeros(2, *model.latent_shape)).shape == (2, 1, 28, 28)
+
+
+def test_tiny_flow_learns_on_real_images(real_data_dir):
+    torch.manual_seed(0)
+    x, _ = load_split("mnist", "test[:576]", str(real_data_dir))
+    gen = torch.Generator().manual_seed(0)
+    val = RealNVP.prepare(x[512:], gen)
+    model = tiny_flow()
+    opts = model.configure_optimizers(_Cfg())
+    model.train().log_prob(val)  # ActNorm init, as the first training batch would
+    before = model.eval().validation_step(val)["val_bpd"].item()
+    for _ in range(4):
+        for i in range(0, 512, 64):
+            model.train().training_step(RealNVP.prepare(x[i:i + 64], gen), opts)
+    after = model.eval().validation_step(val)["val_bpd"].item()
+    assert after < before - 1.0, (before, after)
+
+
+class _Cfg:
+    lr, grad_clip, warmup_steps = 3e-3, 100.0, 5
+
+
+def test_cli_train_evaluate_sample_resume(fake_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--data-dir", str(fake_data_dir), "--offline", "--quiet"]
+    args = ["train", "flow", "--out", str(run), "--train-split", "train[:192]",
+            "--val-split", "test[:64]", "--test-split", "test[64:]", "--epochs", "1",
+            "--batch-size", "64", "--hidden-dim", "8", "--num-blocks", "1",
+            "--num-couplings", "1", "--sample-epochs", "0,1", "--num-samples", "4", *common]
+    assert main(args) == 0
+    assert main(["train", "flow", "--resume", str(run), "--epochs", "2", *common]) == 0
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["train_bpd"])) and math.isfinite(float(r["val_bpd"]))
+               for r in rows)
+    assert (run / "curves.png").is_file()
+    for epoch in (0, 1, 2):
+        assert (run / "samples" / f"epoch_{epoch:03d}.png").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json", *common]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["n_images"] == 64
+    assert 0 < results["log_px"]["bits_per_dim"] < 8
+    assert json.loads((run / "evaluation.json").read_text()) == results
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "-n", "4", "--out", str(out), *common]) == 0
+    assert out.is_file()
