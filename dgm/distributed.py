@@ -5,6 +5,8 @@ two), so rather than wrapping the model in DistributedDataParallel (whose
 gradient hooks fire only through the wrapper's ``forward``), every optimiser
 gets a step pre-hook that averages its gradients over all ranks in one
 flattened all-reduce: the same arithmetic as DDP, for any ``training_step``.
+A model that clips gradients inside ``training_step`` clips its rank's gradient
+before the average; with the clip inactive (its usual state) this changes nothing.
 """
 
 import os

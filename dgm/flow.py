@@ -440,6 +440,14 @@ class RealNVP(nn.Module):
         z = torch.randn(n, *self.latent_shape, generator=generator, device=p.device)
         return self.generate(self.temperature * z.to(p.dtype))
 
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation (ActNorm) from one batch of prepared images."""
+        was_training = self.training
+        self.train()
+        self.log_prob(x)
+        self.train(was_training)
+
     # The trainer's interface.
 
     @staticmethod

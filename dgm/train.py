@@ -119,6 +119,12 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if epoch == 0 and hasattr(model, "initialize"):
+            # Data-dependent initialisation (the flow's ActNorm) from one batch that every
+            # rank draws alike, with its own generator so that the data order is unchanged.
+            init_gen = torch.Generator(device).manual_seed(cfg.seed + 2)
+            idx = torch.randperm(len(train_x), generator=init_gen, device=device)
+            model.initialize(model.prepare(train_x[idx[:cfg.batch_size]], init_gen))
         ctx.broadcast_module(model)
         ctx.sync_optimizers(optimizers)
         if ctx.is_main:
