@@ -1,6 +1,7 @@
 """dgm: deep generative models on small image data (VAE, GAN, RealNVP)."""
 
+from dgm.gan import GAN
 from dgm.vae import VAE
 
-__all__ = ["VAE"]
+__all__ = ["GAN", "VAE"]
 __version__ = "0.1.0"

@@ -18,13 +18,14 @@ from tqdm import tqdm
 from dgm.config import TrainConfig
 from dgm.data import load_split
 from dgm.errors import DgmError
+from dgm.gan import GAN
 from dgm.plots import plot_curves, save_grid
 from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
 from dgm.vae import VAE
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
 
-MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE}
+MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE, "gan": GAN}
 
 
 def build_model(name: str, cfg: TrainConfig) -> torch.nn.Module:
