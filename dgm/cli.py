@@ -89,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_manifold)
+
+    p = sub.add_parser("interpolate", help="rows of latent interpolations (report Figure 6)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--rows", type=int, default=8, help="number of paths (default 8)")
+    p.add_argument("--steps", type=int, default=9, help="images per path (default 9)")
+    p.add_argument("--method", choices=("cdf", "slerp"), default="cdf",
+                   help="cdf: straight line in the unit cube through the inverse normal CDF "
+                        "(the report's); slerp: spherical (default cdf)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _add_common(p)
+    p.set_defaults(func=cmd_interpolate)
     return parser
 
 
@@ -181,6 +194,30 @@ def cmd_manifold(args) -> int:
         raise DgmError(f"{args.run} is not a VAE with latent_dim 2; train one with "
                        "dgm train vae --latent-dim 2")
     print(save_grid(model.manifold(args.size), _png(args.out), nrow=args.size, scale=1))
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    from dgm.evaluate import load_model
+    from dgm.interpolation import interpolation_rows
+    from dgm.plots import save_grid
+
+    if not (1 <= args.rows <= 64 and 2 <= args.steps <= 64):
+        raise DgmError("--rows must lie in 1..64 and --steps in 2..64")
+    out = _png(args.out)
+    name, _, model, _ = load_model(args.run, args.checkpoint, args.device)
+    shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
+    if shape == (None,) or not hasattr(model, "generate"):
+        raise DgmError(f"{args.run} holds a {name} model, which cannot be interpolated (it "
+                       "lacks latent_dim or latent_shape and generate(z)); give a gan run")
+    dev = next(model.parameters()).device
+    gen = torch.Generator(dev).manual_seed(args.seed)
+    z = interpolation_rows(args.rows, args.steps, tuple(shape), args.method, gen, dev)
+    with torch.no_grad():
+        images = torch.cat([model.generate(c) for c in z.split(512)])
+    print(save_grid(images, out, nrow=args.steps))
     return 0
 
 
