@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--sample-quality", action="store_true",
+                   help="add the Frechet and Parzen scores for any model (always on for gan)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -152,7 +154,7 @@ def cmd_evaluate(args) -> int:
         raise DgmError("--iw-samples and --batch-size must be at least 1")
     results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
                            args.data_dir, args.offline, args.checkpoint,
-                           quiet=args.quiet or args.json)
+                           quiet=args.quiet or args.json, sample_quality=args.sample_quality)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
