@@ -64,8 +64,10 @@ class FeatureNet(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, c1, 14, 14)
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, c2, 7, 7)
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, c1, H/2, W/2)
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, c2, H/4, W/4)
             nn.Flatten(), nn.Linear(c2 * (image_size // 4) ** 2, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
