@@ -154,3 +154,22 @@ def test_interpolate_rejects_a_model_without_latent_space(tmp_path, capsys, monk
     code = main(["interpolate", str(tmp_path), "--out", str(tmp_path / "i.png")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "cannot be interpolated" in err
+
+
+def test_resumed_gan_run_equals_uninterrupted_run(real_data_dir, tmp_path):
+    common = ["--dataset", "mnist", "--train-split", "test[:256]", "--val-split",
+              "test[8000:8128]", "--sample-epochs", "0", "--quiet", "--data-dir",
+              str(real_data_dir)]
+    assert main(["train", "gan", *common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "gan", *common, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", "gan", *common, "--epochs", "2", "--resume", str(tmp_path / "b")]) == 0
+    # Both networks, both optimisers and the noise stream are restored.
+    assert (tmp_path / "a" / "metrics.csv").read_text().splitlines()[2].split(",")[:-1] == \
+        (tmp_path / "b" / "metrics.csv").read_text().splitlines()[2].split(",")[:-1]
+
+
+@pytest.mark.parametrize("flags", [["--rows", "0"], ["--steps", "1"], ["--out", "x.jpg"]])
+def test_interpolate_bad_flags_are_one_line_errors(flags, tmp_path, capsys):
+    code = main(["interpolate", str(tmp_path), "--out", str(tmp_path / "i.png"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith("dgm: error:")
