@@ -211,9 +211,11 @@ def cmd_interpolate(args) -> int:
     out = _png(args.out)
     name, _, model, _ = load_model(args.run, args.checkpoint, args.device)
     shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
-    if shape == (None,) or not hasattr(model, "generate"):
+    missing = [what for what, ok in (("latent_dim or latent_shape", shape != (None,)),
+                                     ("generate(z)", hasattr(model, "generate"))) if not ok]
+    if missing:
         raise DgmError(f"{args.run} holds a {name} model, which cannot be interpolated (it "
-                       "lacks latent_dim or latent_shape and generate(z)); give a gan run")
+                       f"has no {' and no '.join(missing)}); give a gan run")
     dev = next(model.parameters()).device
     gen = torch.Generator(dev).manual_seed(args.seed)
     z = interpolation_rows(args.rows, args.steps, tuple(shape), args.method, gen, dev)
