@@ -139,6 +139,8 @@ def test_cli_end_to_end(real_data_dir, tmp_path, monkeypatch, capsys):
     results = json.loads(capsys.readouterr().out)
     assert results["frechet"]["distance"] > results["frechet"]["real_reference"] >= 0
     assert 0 <= results["classifier"]["test_accuracy"] <= 1
+    cache = results["classifier"]["cache"]  # under $XDG_CACHE_HOME/dgm/classifiers
+    assert cache.startswith(str(tmp_path / "cache" / "dgm" / "classifiers" / "mnist-"))
     assert "weak" in results["parzen"]["note"]
     assert json.loads((run / "evaluation.json").read_text())["model"] == "gan"
 
