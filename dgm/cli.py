@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--sample-quality", action="store_true",
+                   help="add the Frechet and Parzen scores for any model (always on for gan)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -101,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.html",
                    help="where to write (default RUN/report.html; required for several runs)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("interpolate", help="rows of latent interpolations (report Figure 6)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--rows", type=int, default=8, help="number of paths (default 8)")
+    p.add_argument("--steps", type=int, default=9, help="images per path (default 9)")
+    p.add_argument("--method", choices=("cdf", "slerp"), default="cdf",
+                   help="cdf: straight line in the unit cube through the inverse normal CDF "
+                        "(the report's); slerp: spherical (default cdf)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    _add_common(p)
+    p.set_defaults(func=cmd_interpolate)
     return parser
 
 
@@ -151,7 +166,7 @@ def cmd_evaluate(args) -> int:
         raise DgmError("--iw-samples and --batch-size must be at least 1")
     results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
                            args.data_dir, args.offline, args.checkpoint,
-                           quiet=args.quiet or args.json)
+                           quiet=args.quiet or args.json, sample_quality=args.sample_quality)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -229,6 +244,32 @@ def cmd_report(args) -> int:
     from dgm.report import write_report
 
     print(write_report(args.runs, args.out))
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    from dgm.evaluate import load_model
+    from dgm.interpolation import interpolation_rows
+    from dgm.plots import save_grid
+
+    if not (1 <= args.rows <= 64 and 2 <= args.steps <= 64):
+        raise DgmError("--rows must lie in 1..64 and --steps in 2..64")
+    out = _png(args.out)
+    name, _, model, _ = load_model(args.run, args.checkpoint, args.device)
+    shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
+    missing = [what for what, ok in (("latent_dim or latent_shape", shape != (None,)),
+                                     ("generate(z)", hasattr(model, "generate"))) if not ok]
+    if missing:
+        raise DgmError(f"{args.run} holds a {name} model, which cannot be interpolated (it "
+                       f"has no {' and no '.join(missing)}); give a gan run")
+    dev = next(model.parameters()).device
+    gen = torch.Generator(dev).manual_seed(args.seed)
+    z = interpolation_rows(args.rows, args.steps, tuple(shape), args.method, gen, dev)
+    with torch.no_grad():
+        images = torch.cat([model.generate(c) for c in z.split(512)])
+    print(save_grid(images, out, nrow=args.steps))
     return 0
 
 

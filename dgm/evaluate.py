@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from dgm.maths import bits_per_dim
 from dgm.runs import atomic_write, load_checkpoint, load_config
 from dgm.train import build_model, resolve_device
 
-__all__ = ["evaluate_flow", "evaluate_run", "evaluate_vae", "load_model"]
+__all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
 
 # Test images are binarised / dequantised with this seed in every run, so numbers compare.
 EVAL_SEED = 1234
@@ -40,12 +41,18 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
 
 def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 5000,
                  batch_size: int = 100, device: str = "auto", data_dir: str | None = None,
-                 offline: bool = False, checkpoint: str = "best", quiet: bool = False) -> dict:
-    """Compute a run's test metrics, write them to ``run/evaluation.json`` and return them."""
+                 offline: bool = False, checkpoint: str = "best", quiet: bool = False,
+                 sample_quality: bool = False) -> dict:
+    """Compute a run's test metrics, write them to ``run/evaluation.json`` and return them.
+
+    GAN runs get the sample-quality scores of :mod:`dgm.quality`; other models get them
+    too with ``sample_quality``.
+    """
     run = Path(run)
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     split = split or cfg.test_split
-    x, _ = load_split(cfg.dataset, split, data_dir or cfg.data_dir, offline or cfg.offline)
+    data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline
+    x, y = load_split(cfg.dataset, split, data_dir, offline)
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     results = {"model": name, "dataset": cfg.dataset, "split": split, "n_images": len(x),
@@ -54,6 +61,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
         results |= evaluate_vae(model, x.to(dev), iw_samples, batch_size, quiet)
     elif name == "flow":
         results |= evaluate_flow(model, x.to(dev), batch_size, quiet)
+    if name == "gan" or sample_quality:
+        results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write(run / "evaluation.json", lambda f: f.write(json.dumps(results, indent=2)),
                  mode="w")
@@ -119,3 +128,22 @@ def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
                        "bits_per_dim": bits_per_dim(-mean, dims),
                        "bits_per_dim_sem": bits_per_dim(sem, dims),
                        "dequantization": "uniform, one draw per image"}}
+
+
+def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
+                     data_dir: str | None = None, offline: bool = False,
+                     quiet: bool = False) -> dict:
+    """Frechet distance, feature-classifier accuracy and Parzen log-likelihood of a model's
+    samples against the test images, with the classifier trained on the run's training split
+    (see :func:`dgm.quality.sample_quality`)."""
+    from dgm.quality import sample_quality
+
+    dev = x_uint8.device
+    train_x, train_y = load_split(cfg.dataset, cfg.train_split, data_dir, offline)
+    val_x, _ = load_split(cfg.dataset, cfg.val_split, data_dir, offline)
+    if not quiet:
+        print("dgm: sample quality (the feature classifier is trained once, then cached)",
+              file=sys.stderr)
+    return sample_quality(lambda n, gen: model.sample(n, generator=gen), cfg.dataset,
+                          (x_uint8, labels), (train_x.to(dev), train_y.to(dev)), val_x.to(dev),
+                          seed=EVAL_SEED, quiet=quiet)

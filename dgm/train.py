@@ -20,6 +20,7 @@ from dgm.data import load_split
 from dgm.distributed import setup
 from dgm.errors import DgmError
 from dgm.flow import RealNVP
+from dgm.gan import GAN
 from dgm.plots import plot_curves, save_grid
 from dgm.report import write_report
 from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
@@ -27,7 +28,7 @@ from dgm.vae import VAE
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
 
-MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE, "flow": RealNVP}
+MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE, "gan": GAN, "flow": RealNVP}
 
 
 def build_model(name: str, cfg: TrainConfig) -> torch.nn.Module:
