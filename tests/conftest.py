@@ -49,6 +49,16 @@ def fake_data_dir(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' tensors are tiny: one intra-op thread is as fast, and where the cores are
+    shared with other processes two OpenMP threads spin against them (seen: 15-50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -110,6 +110,7 @@ def test_bad_input_gives_one_line(fake_data_dir, tmp_path, capsys):
         assert "\n" not in err and "error" in err
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refuses_foreign_tampered_and_newer_checkpoints(fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
@@ -163,7 +164,7 @@ def test_second_process_on_same_run_is_refused(tmp_path):
 
 def test_sigterm_saves_and_exits_non_zero_then_resumes(fake_data_dir, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "dgm", *vae(fake_data_dir, run, "--epochs", "10000")]
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.pt"

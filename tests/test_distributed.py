@@ -39,10 +39,10 @@ def options(fake_data_dir, **extra):
             "batch_size": 32, "sample_epochs": [], **extra}
 
 
-@pytest.mark.parametrize("model", ["vae", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
 def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model):
     run = tmp_path / "run"
-    extra = {"vae": {"hidden_dim": 32},
+    extra = {"vae": {"hidden_dim": 32}, "gan": {},
              "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1}}[model]
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
     for k in states[0]:

@@ -26,16 +26,6 @@ from dgm.maths import LOG_2PI, logit_transform
 DTYPES = [torch.float64, torch.float32]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and on a shared 2-core machine
-    two OpenMP threads spinning against other processes made this file 15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturbed(t: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The module in ``dtype`` with every parameter moved off its (often identity) init."""
     t = t.to(dtype)

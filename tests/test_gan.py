@@ -14,16 +14,6 @@ from dgm.interpolation import interpolate, interpolation_rows
 from dgm.quality import ClassifierRecipe, extract_features, frechet_distance, train_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small networks gain nothing from a second thread, and on a busy 2-core machine
-    torch's threads wait on each other (a GAN step took 1.2 s instead of 0.03 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -16,17 +16,6 @@ from dgm.quality import (
     parzen_log_prob,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These small networks gain nothing from a second thread, and on a busy 2-core machine
-    torch's threads wait on each other (a GAN step took 1.2 s instead of 0.03 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = ClassifierRecipe(channels=(8, 16), feature_dim=32, epochs=8)
 
 
