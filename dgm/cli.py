@@ -263,7 +263,7 @@ def cmd_interpolate(args) -> int:
                                      ("generate(z)", hasattr(model, "generate"))) if not ok]
     if missing:
         raise DgmError(f"{args.run} holds a {name} model, which cannot be interpolated (it "
-                       f"has no {' and no '.join(missing)}); give a gan run")
+                       f"has no {' and no '.join(missing)}); give a gan, vae or flow run")
     dev = next(model.parameters()).device
     gen = torch.Generator(dev).manual_seed(args.seed)
     z = interpolation_rows(args.rows, args.steps, tuple(shape), args.method, gen, dev)

@@ -107,11 +107,15 @@ class VAE(nn.Module):
         return log_mean_exp_stats(torch.cat(log_w))
 
     @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder means (Bernoulli probabilities) at latents z: (n, D) -> (n, C, H, W)."""
+        return torch.sigmoid(self.decode(z)).view(len(z), *self.image_shape)
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder means (Bernoulli probabilities) of n draws from the prior: (n, C, H, W)."""
+        """Decoder means of n draws from the prior: (n, C, H, W)."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return torch.sigmoid(self.decode(z)).view(n, *self.image_shape)
+        return self.generate(torch.randn(n, self.latent_dim, generator=generator, device=device))
 
     @torch.no_grad()
     def manifold(self, n: int = 20) -> torch.Tensor:
@@ -124,8 +128,7 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         z = torch.special.ndtri((torch.arange(n, device=device) + 0.5) / n)
         z1, z2 = torch.meshgrid(z, z.flip(0), indexing="xy")
-        grid = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
-        return torch.sigmoid(self.decode(grid)).view(n * n, *self.image_shape)
+        return self.generate(torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1))
 
     # The trainer's interface.
 

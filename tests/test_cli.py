@@ -45,7 +45,10 @@ def test_vae_end_to_end(fake_data_dir, tmp_path, capsys):
 
     assert main(["sample", str(run), "-n", "9", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["manifold", str(run), "--size", "5", "--out", str(tmp_path / "m.png")]) == 0
-    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "m.png").stat().st_size > 0
+    assert main(["interpolate", str(run), "--rows", "2", "--steps", "3",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    for f in ("s.png", "m.png", "i.png"):
+        assert (tmp_path / f).stat().st_size > 0
 
 
 def test_resume_equals_uninterrupted_run(fake_data_dir, tmp_path):

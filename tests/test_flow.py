@@ -221,3 +221,7 @@ def test_cli_train_evaluate_sample_resume(fake_data_dir, tmp_path, capsys):
     out = tmp_path / "s.png"
     assert main(["sample", str(run), "-n", "4", "--out", str(out), *common]) == 0
     assert out.is_file()
+    out = tmp_path / "i.png"
+    assert main(["interpolate", str(run), "--rows", "2", "--steps", "3", "--method", "slerp",
+                 "--out", str(out), *common]) == 0
+    assert out.is_file()
