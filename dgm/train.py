@@ -109,6 +109,9 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
 
     board = _tensorboard(run) if cfg.tensorboard and ctx.is_main else None
     lock = RunLock(run) if ctx.is_main else None
+    if lock:
+        for stale in run.rglob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
     try:
         if resume:
             ckpt = load_checkpoint(last_path, model_name, map_location=device)
