@@ -167,6 +167,8 @@ def cmd_evaluate(args) -> int:
     results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
                            args.data_dir, args.offline, args.checkpoint,
                            quiet=args.quiet or args.json, sample_quality=args.sample_quality)
+    if results is None:  # a torchrun rank other than 0
+        return 0
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

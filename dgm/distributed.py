@@ -33,6 +33,18 @@ class Context:
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
+    def part(self, n: int) -> slice:
+        """This rank's contiguous part of n items, all items covered (sizes differ by <= 1)."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order, on every rank."""
+        if self.world == 1:
+            return t
+        parts = [None] * self.world
+        dist.all_gather_object(parts, t.cpu())
+        return torch.cat(parts).to(t.device)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(t)

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from dgm.data import load_split
+from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
 from dgm.runs import atomic_write, load_checkpoint, load_config
@@ -45,10 +46,23 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  sample_quality: bool = False) -> dict:
     """Compute a run's test metrics, write them to ``run/evaluation.json`` and return them.
 
+    Under ``torchrun`` the likelihoods are spread over the ranks; rank 0 alone scores
+    sample quality, writes the file and returns the results (the others return None).
+
     GAN runs get the sample-quality scores of :mod:`dgm.quality`; other models get them
     too with ``sample_quality``.
     """
     run = Path(run)
+    ctx, dev = setup(resolve_device(device))
+    try:
+        return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
+                             checkpoint, quiet or not ctx.is_main, sample_quality, ctx)
+    finally:
+        ctx.close()
+
+
+def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
+                  quiet, sample_quality, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     split = split or cfg.test_split
     data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline
@@ -57,10 +71,15 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     t0 = time.perf_counter()
     results = {"model": name, "dataset": cfg.dataset, "split": split, "n_images": len(x),
                "checkpoint": checkpoint, "epoch": ckpt["epoch"]}
+    if len(x) < ctx.world:
+        raise DgmError(f"split {split!r} has {len(x)} images, fewer than the {ctx.world} "
+                       "processes")
     if name == "vae":
-        results |= evaluate_vae(model, x.to(dev), iw_samples, batch_size, quiet)
+        results |= evaluate_vae(model, x.to(dev), iw_samples, batch_size, quiet, ctx)
     elif name == "flow":
-        results |= evaluate_flow(model, x.to(dev), batch_size, quiet)
+        results |= evaluate_flow(model, x.to(dev), batch_size, quiet, ctx)
+    if not ctx.is_main:
+        return None
     if name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
@@ -69,64 +88,65 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     return results
 
 
+def _summary(values: torch.Tensor, dims: int) -> dict:
+    """Mean log p(x) over images in nats, its standard error over images, and bits/dim."""
+    values = values.double()
+    mean, sem = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+    return {"log_px_nats": mean, "sem_nats": sem, "bits_per_dim": bits_per_dim(-mean, dims)}
+
+
 @torch.no_grad()
 def evaluate_vae(model, x_uint8: torch.Tensor, k: int, batch_size: int = 100,
-                 quiet: bool = False) -> dict:
+                 quiet: bool = False, ctx: Context | None = None) -> dict:
     """Test ELBO, IWAE_k and the naive prior-sampling estimate of log p(x), in nats per image.
 
     Each estimate comes with ``sem_nats`` (standard error of the mean over images) and
     ``mc_stderr_nats`` / ``ess`` (the per-image Monte-Carlo standard error and effective
     sample size, averaged over images), which show how poorly the naive estimator converges.
+    Under ``torchrun`` each rank estimates its part of the images.
     """
-    gen = torch.Generator(x_uint8.device).manual_seed(EVAL_SEED)
-    x = model.prepare(x_uint8, gen)
-    torch.manual_seed(EVAL_SEED)
+    ctx = ctx or Context()
+    x = model.prepare(x_uint8, torch.Generator(x_uint8.device).manual_seed(EVAL_SEED))
+    torch.manual_seed(EVAL_SEED + ctx.rank)
     dims = x[0].numel()
-    elbo, est = [], {"iwae": ([], [], []), "naive": ([], [], [])}
-    batches = range(0, len(x), batch_size)
+    part = x[ctx.part(len(x))]
+    values: dict[str, list] = {}
+    batches = range(0, len(part), batch_size)
     for start in tqdm(batches, desc=f"IWAE and naive estimates, k={k}", disable=quiet or None):
-        xb = x[start:start + batch_size]
-        elbo.append(model.elbo(xb))
+        xb = part[start:start + batch_size]
+        values.setdefault("elbo", []).append(model.elbo(xb))
         for key, proposal in (("iwae", "posterior"), ("naive", "prior")):
-            for acc, value in zip(est[key], model.log_likelihood(xb, k, proposal), strict=True):
-                acc.append(value)
-
-    def summary(values: torch.Tensor) -> dict:
-        mean = values.mean().item()
-        return {"log_px_nats": mean,
-                "sem_nats": (values.std() / math.sqrt(len(values))).item(),
-                "bits_per_dim": bits_per_dim(-mean, dims)}
-
-    elbo_t = torch.cat(elbo)
-    out = {"elbo": summary(elbo_t)}
+            for stat, v in zip(("", "_se", "_ess"), model.log_likelihood(xb, k, proposal),
+                               strict=True):
+                values.setdefault(key + stat, []).append(v)
+    v = {key: ctx.gather(torch.cat(parts)) for key, parts in values.items()}
+    out = {"elbo": _summary(v["elbo"], dims)}
     for key in ("iwae", "naive"):
-        log_px, stderr, ess = (torch.cat(v) for v in est[key])
-        out[key] = {"k": k, **summary(log_px), "mc_stderr_nats": stderr.mean().item(),
-                    "ess": ess.mean().item()}
+        out[key] = {"k": k, **_summary(v[key], dims),
+                    "mc_stderr_nats": v[key + "_se"].mean().item(),
+                    "ess": v[key + "_ess"].mean().item()}
     return out
 
 
 @torch.no_grad()
 def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
-                  quiet: bool = False) -> dict:
+                  quiet: bool = False, ctx: Context | None = None) -> dict:
     """Exact test log-likelihood of a flow, in nats per image and bits/dim.
 
     Exact up to the dequantisation: each image gets one uniform noise draw (seed
     ``EVAL_SEED``), so the mean is an unbiased estimate of the variational bound
     E_u[log p((x + u) / 256)] - D log 256 <= log P(x), and ``sem_nats`` is its
-    standard error over images.
+    standard error over images. Under ``torchrun`` each rank takes a part of the images.
     """
-    gen = torch.Generator(x_uint8.device).manual_seed(EVAL_SEED)
-    dims = x_uint8[0].numel()
-    log_px = []
-    batches = range(0, len(x_uint8), batch_size)
-    for start in tqdm(batches, desc="exact log p(x)", disable=quiet or None):
-        log_px.append(model.log_prob(model.prepare(x_uint8[start:start + batch_size], gen)))
-    values = torch.cat(log_px).double()
-    mean, sem = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
-    return {"log_px": {"log_px_nats": mean, "sem_nats": sem,
-                       "bits_per_dim": bits_per_dim(-mean, dims),
-                       "bits_per_dim_sem": bits_per_dim(sem, dims),
+    ctx = ctx or Context()
+    x = model.prepare(x_uint8, torch.Generator(x_uint8.device).manual_seed(EVAL_SEED))
+    dims = x[0].numel()
+    part = x[ctx.part(len(x))]
+    batches = range(0, len(part), batch_size)
+    log_px = [model.log_prob(part[start:start + batch_size])
+              for start in tqdm(batches, desc="exact log p(x)", disable=quiet or None)]
+    out = _summary(ctx.gather(torch.cat(log_px)), dims)
+    return {"log_px": {**out, "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
                        "dequantization": "uniform, one draw per image"}}
 
 

@@ -97,6 +97,9 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     torch.manual_seed(cfg.seed)
     train_x, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.offline)
     val_x, _ = load_split(cfg.dataset, cfg.val_split, cfg.data_dir, cfg.offline)
+    if len(val_x) < ctx.world:
+        raise DgmError(f"validation split {cfg.val_split!r} has {len(val_x)} images, fewer than "
+                       f"the {ctx.world} processes")
     if len(train_x) < cfg.batch_size:
         raise DgmError(f"training split {cfg.train_split!r} has {len(train_x)} images, fewer "
                        f"than one batch of {cfg.batch_size}; lower --batch-size")
@@ -221,7 +224,7 @@ def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step,
 def _validate(model, val_in, cfg, device, ctx) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    part = val_in[ctx.shard(len(val_in))] if len(val_in) >= ctx.world else val_in
+    part = val_in[ctx.part(len(val_in))]
     bs = max(cfg.batch_size, 500)
     for start in range(0, len(part), bs):
         x = part[start:start + bs]
@@ -229,8 +232,7 @@ def _validate(model, val_in, cfg, device, ctx) -> dict[str, float]:
             out = model.validation_step(x)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.float() * len(x)
-    n = len(part) * ctx.world
-    return {k: (ctx.sum(v) / n).item() for k, v in sums.items()}
+    return {k: (ctx.sum(v) / len(val_in)).item() for k, v in sums.items()}
 
 
 def _tensorboard(run: Path):
