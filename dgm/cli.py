@@ -36,7 +36,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         base, _ = field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default})"}
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats
+        kw = {"default": argparse.SUPPRESS, "help": text}
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif base == list[int]:

@@ -75,6 +75,16 @@ def test_yaml_config_and_flags_win(fake_data_dir, tmp_path):
     assert saved["latent_dim"] == 4 and saved["hidden_dim"] == 32 and saved["epochs"] == 1
 
 
+@pytest.mark.parametrize("argv", [[], ["train"], ["train", "vae"], ["train", "gan"],
+                                  ["train", "flow"], ["evaluate"], ["sample"], ["manifold"],
+                                  ["interpolate"], ["report"], ["data"]])
+def test_help_of_every_command(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: dgm" in capsys.readouterr().out
+
+
 def one_line_error(capsys, code, argv, match):
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
