@@ -51,7 +51,7 @@ def dgm_epoch(model: RealNVP, x: torch.Tensor, cfg: FlowConfig) -> float:
     opts = model.configure_optimizers(cfg)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    _train_epoch(model, opts, x, cfg, gen, torch.device("cpu"), 1, 0, quiet=True)
+    _train_epoch(model, opts, x, cfg, gen, torch.device("cpu"), 1, 0, True)
     return time.perf_counter() - t0
 
 

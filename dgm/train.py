@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from dgm.config import TrainConfig
 from dgm.data import load_split
-from dgm.distributed import setup
+from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.flow import RealNVP
 from dgm.gan import GAN
@@ -190,7 +190,9 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     return model, history
 
 
-def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet, ctx):
+def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet,
+                 ctx=None):
+    ctx = ctx or Context()
     model.train()
     n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
     perm = torch.randperm(len(train_x), generator=data_gen, device=device)

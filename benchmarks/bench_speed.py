@@ -1,0 +1,153 @@
+"""Training speed of every model: dgm against a plain loop and against the FLOP bound.
+
+    DGM_DATA_DIR=../shared/data python benchmarks/bench_speed.py [--models vae,gan,flow]
+        [--scaling] [--device cpu|cuda] [--precision fp32|bf16]
+
+For each model, in one run and on the same Fashion-MNIST images:
+- dgm: images per second of the trainer's epoch loop (``dgm.train._train_epoch``: batches
+  by index from one uint8 tensor on the device, the model's own ``training_step``);
+- reference: the pytorch/examples way, a DataLoader over a torchvision-style Dataset
+  (one item at a time) and a hand-written loss, in ``bench_vae``/``bench_gan``/``bench_flow``;
+- FLOP bound: the machine's measured fp32 matrix-multiply rate (a 1024^3 sgemm) divided
+  by the matmul/conv FLOPs of one training step per image (counted by
+  ``torch.utils.flop_counter``, forward and backward).
+``--scaling`` adds the VAE's time per epoch against data-set size and batch size, and
+the peak resident memory.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_flow  # noqa: E402
+import bench_gan  # noqa: E402
+import bench_vae  # noqa: E402
+
+from dgm.config import CONFIGS  # noqa: E402
+from dgm.data import load_split  # noqa: E402
+from dgm.train import _train_epoch, build_model  # noqa: E402
+
+IMAGES = {"vae": 25600, "gan": 12800, "flow": 1024}  # about 10 s of dgm time each, on 2 cores
+
+
+def matmul_rate(device: torch.device, dtype=torch.float32, n: int = 1024,
+                seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
+                                                                       dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        count += 10
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+def step_flops(name: str, cfg, x: torch.Tensor, device) -> float:
+    """Matmul/conv FLOPs of one training step, per image."""
+    model = build_model(name, cfg).to(device)
+    opts = model.configure_optimizers(cfg)
+    batch = model.prepare(x[:cfg.batch_size].to(device))
+    if hasattr(model, "initialize"):
+        model.initialize(batch)
+    with FlopCounterMode(display=False) as counter:
+        model.training_step(batch, opts)
+    return counter.get_total_flops() / cfg.batch_size
+
+
+def dgm_ips(name: str, cfg, x: torch.Tensor, device, repeats: int = 2) -> float:
+    torch.manual_seed(0)
+    model = build_model(name, cfg).to(device)
+    opts = model.configure_optimizers(cfg)
+    x = x.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    if hasattr(model, "initialize"):
+        model.initialize(model.prepare(x[:cfg.batch_size], gen))
+    _train_epoch(model, opts, x[:4 * cfg.batch_size], cfg, gen, device, 1, 0, True)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _train_epoch(model, opts, x, cfg, gen, device, 1, 0, True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return len(x) // cfg.batch_size * cfg.batch_size / best
+
+
+def reference_ips(name: str, cfg, x: torch.Tensor, repeats: int = 2) -> float:
+    """The plain loops of the per-model benchmarks (CPU, as pytorch/examples runs them)."""
+    n = len(x) // cfg.batch_size * cfg.batch_size
+    best = 0.0
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        if name == "vae":
+            model = build_model(name, cfg)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            t0 = time.perf_counter()
+            bench_vae.reference_epoch(model, opt, x, cfg.batch_size)
+            best = max(best, n / (time.perf_counter() - t0))
+        elif name == "gan":
+            best = max(best, bench_gan.reference_epoch(x, cfg.batch_size))
+        else:
+            model = build_model(name, cfg)
+            model.initialize(model.prepare(x[:cfg.batch_size]))
+            best = max(best, n / bench_flow.reference_epoch(model, x, cfg))
+    return best
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="vae,gan,flow")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--scaling", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    x_all, _ = load_split("fashion-mnist", "train", offline=True)
+    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"{args.precision}; measured matmul rate {rate / 1e9:.1f} GFLOP/s")
+    print("| model | batch | images | dgm img/s | reference img/s | dgm / reference "
+          "| MFLOP per image | FLOP-bound img/s | dgm / bound |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models.split(","):
+        cfg = CONFIGS[name](device=args.device, precision=args.precision)
+        x = x_all[:IMAGES[name]]
+        flops = step_flops(name, cfg, x, device)
+        ours = dgm_ips(name, cfg, x, device)  # the trainer applies cfg.precision itself
+        ref = reference_ips(name, cfg, x) if device.type == "cpu" else float("nan")
+        bound = rate / flops
+        print(f"| {name} | {cfg.batch_size} | {len(x)} | {ours:.0f} | {ref:.0f} | "
+              f"{ours / ref:.2f} | {flops / 1e6:.2f} | {bound:.0f} | {ours / bound:.2f} |",
+              flush=True)
+    if args.scaling:
+        cfg = CONFIGS["vae"](device=args.device)
+        print("\nVAE seconds per epoch by data-set size (batch 128):")
+        for n in (6400, 12800, 25600, 51200):
+            ips = dgm_ips("vae", cfg, x_all[:n], device, repeats=1)
+            print(f"  {n:6d} images: {n / ips:6.2f} s  ({ips:.0f} img/s)", flush=True)
+        print("VAE images per second by batch size (25600 images):")
+        for bs in (32, 64, 128, 256, 512, 1024):
+            cfg = CONFIGS["vae"](device=args.device, batch_size=bs)
+            ips = dgm_ips("vae", cfg, x_all[:25600], device, repeats=1)
+            bound = rate / step_flops("vae", cfg, x_all, device)
+            print(f"  batch {bs:4d}: {ips:6.0f} img/s, {ips / bound:.2f} of the FLOP bound",
+                  flush=True)
+    print(f"\npeak resident memory of this process: {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
