@@ -1,58 +1,17 @@
-"""Flow benchmark: dgm's training epoch against a plain pytorch/examples-style loop, and the
-validation bits/dim that dgm's RealNVP reaches in a fixed wall-clock budget.
+"""Flow quality per wall-clock: the validation bits/dim that dgm's RealNVP reaches in a
+fixed training budget (training speed against a plain loop is in bench_speed.py).
 
-Usage (from the repository root; one intra-op thread is far faster than two on a shared
-2-core machine, where OpenMP threads spin against other processes):
-
-    OMP_NUM_THREADS=1 python benchmarks/bench_flow.py --dataset fashion-mnist --budget-s 300
+    DGM_DATA_DIR=../shared/data python benchmarks/bench_flow.py --budget-s 300
 """
 
 import argparse
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from dgm.config import FlowConfig
 from dgm.data import load_split
 from dgm.flow import RealNVP
-from dgm.maths import dequantize
-from dgm.train import _train_epoch
-
-
-class Images(Dataset):
-    """uint8 images served one by one, as torchvision's MNIST would."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x = x
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.x[i]
-
-
-def reference_epoch(model: RealNVP, x: torch.Tensor, cfg: FlowConfig) -> float:
-    """A training epoch written like pytorch/examples: DataLoader, loss, backward, step."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loader = DataLoader(Images(x), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    model.train()
-    t0 = time.perf_counter()
-    for batch in loader:
-        loss = model.bits_per_dim(dequantize(batch)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t0
-
-
-def dgm_epoch(model: RealNVP, x: torch.Tensor, cfg: FlowConfig) -> float:
-    opts = model.configure_optimizers(cfg)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    _train_epoch(model, opts, x, cfg, gen, torch.device("cpu"), 1, 0, True)
-    return time.perf_counter() - t0
 
 
 def budget_run(cfg: FlowConfig, budget_s: float) -> tuple[int, int, float, float]:
@@ -86,7 +45,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--images", type=int, default=1024, help="images per throughput epoch")
     p.add_argument("--budget-s", type=float, default=300.0, help="wall-clock training budget")
     p.add_argument("--arch", default="conv", choices=("conv", "mlp"))
     args = p.parse_args()
@@ -94,21 +52,6 @@ def main() -> None:
                      train_split="train[:90%]", val_split="train[90%:]")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, arch {cfg.arch}, "
           f"batch {cfg.batch_size}")
-
-    x, _ = load_split(cfg.dataset, f"train[:{args.images}]", cfg.data_dir)
-    torch.manual_seed(0)
-    model = RealNVP.from_config(cfg)
-    model.train().log_prob(dequantize(x[:cfg.batch_size]))  # ActNorm init, outside the timing
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    # Warm-up of both paths (allocator, oneDNN primitives), then the timed epochs.
-    reference_epoch(model, x[:2 * cfg.batch_size], cfg)
-    model.load_state_dict(state)
-    t_ref = reference_epoch(model, x, cfg)
-    model.load_state_dict(state)
-    t_dgm = dgm_epoch(model, x, cfg)
-    n = (len(x) // cfg.batch_size) * cfg.batch_size
-    print(f"throughput: dgm {n / t_dgm:.1f} img/s, reference loop {n / t_ref:.1f} img/s, "
-          f"ratio dgm/reference {t_ref / t_dgm:.3f} ({n} images each)")
 
     if args.budget_s > 0:
         steps, seen, secs, bpd = budget_run(cfg, args.budget_s)

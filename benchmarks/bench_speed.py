@@ -7,7 +7,8 @@ For each model, in one run and on the same Fashion-MNIST images:
 - dgm: images per second of the trainer's epoch loop (``dgm.train._train_epoch``: batches
   by index from one uint8 tensor on the device, the model's own ``training_step``);
 - reference: the pytorch/examples way, a DataLoader over a torchvision-style Dataset
-  (one item at a time) and a hand-written loss, in ``bench_vae``/``bench_gan``/``bench_flow``;
+  (a PIL image and ToTensor per item, then the model's usual scaling) and a hand-written
+  training step, the same networks;
 - FLOP bound: the machine's measured fp32 matrix-multiply rate (a 1024^3 sgemm) divided
   by the matmul/conv FLOPs of one training step per image (counted by
   ``torch.utils.flop_counter``, forward and backward).
@@ -17,21 +18,19 @@ the peak resident memory.
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_flow  # noqa: E402
-import bench_gan  # noqa: E402
-import bench_vae  # noqa: E402
-
-from dgm.config import CONFIGS  # noqa: E402
-from dgm.data import load_split  # noqa: E402
-from dgm.train import _train_epoch, build_model  # noqa: E402
+from dgm.config import CONFIGS
+from dgm.data import load_split
+from dgm.maths import dequantize
+from dgm.train import _train_epoch, build_model
 
 IMAGES = {"vae": 25600, "gan": 12800, "flow": 1024}  # about 10 s of dgm time each, on 2 cores
 
@@ -83,24 +82,81 @@ def dgm_ips(name: str, cfg, x: torch.Tensor, device, repeats: int = 2) -> float:
     return len(x) // cfg.batch_size * cfg.batch_size / best
 
 
+class TorchvisionStyle(Dataset):
+    """What torchvision's MNIST does per item: a PIL image, then ToTensor() to [0, 1]."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images[:, 0].numpy()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i])
+        return torch.from_numpy(np.array(img, copy=True)).float().div(255).unsqueeze(0), 0
+
+
+def vae_step(model, opt, x):  # pytorch/examples/vae, with the data binarised
+    x = torch.bernoulli(x)
+    mu, logvar = model.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    bce = F.binary_cross_entropy_with_logits(model.decode(z), x.view(len(x), -1),
+                                             reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    loss = (bce + kld) / len(x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def gan_step(model, opts, x):  # pytorch/examples/dcgan's loop, non-saturating G loss
+    g, d = model.generator, model.discriminator
+    real = x * 2 - 1
+    b = len(real)
+    ones, zeros = torch.ones(b), torch.zeros(b)
+    opts["discriminator"].zero_grad()
+    fake = g(torch.randn(b, model.latent_dim))
+    err_d = F.binary_cross_entropy_with_logits(d(real), ones) + \
+        F.binary_cross_entropy_with_logits(d(fake.detach()), zeros)
+    err_d.backward()
+    opts["discriminator"].step()
+    opts["generator"].zero_grad()
+    err_g = F.binary_cross_entropy_with_logits(d(g(torch.randn(b, model.latent_dim))), ones)
+    err_g.backward()
+    opts["generator"].step()
+
+
+def flow_step(model, opt, x):  # the textbook flow loop: dequantise, -log p, step
+    loss = model.bits_per_dim(dequantize((x * 255).round().to(torch.uint8))).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def reference_ips(name: str, cfg, x: torch.Tensor, repeats: int = 2) -> float:
-    """The plain loops of the per-model benchmarks (CPU, as pytorch/examples runs them)."""
+    """A plain loop as pytorch/examples writes it: DataLoader, hand-written step (CPU)."""
     n = len(x) // cfg.batch_size * cfg.batch_size
     best = 0.0
     for _ in range(repeats):
         torch.manual_seed(0)
-        if name == "vae":
-            model = build_model(name, cfg)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            t0 = time.perf_counter()
-            bench_vae.reference_epoch(model, opt, x, cfg.batch_size)
-            best = max(best, n / (time.perf_counter() - t0))
-        elif name == "gan":
-            best = max(best, bench_gan.reference_epoch(x, cfg.batch_size))
+        model = build_model(name, cfg)
+        if name == "gan":
+            opts = {k: torch.optim.Adam(getattr(model, k).parameters(), lr=cfg.lr,
+                                        betas=(cfg.beta1, cfg.beta2))
+                    for k in ("generator", "discriminator")}
+            step = gan_step
         else:
-            model = build_model(name, cfg)
+            opts = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            step = vae_step if name == "vae" else flow_step
+        if name == "flow":
             model.initialize(model.prepare(x[:cfg.batch_size]))
-            best = max(best, n / bench_flow.reference_epoch(model, x, cfg))
+        loader = DataLoader(TorchvisionStyle(x), batch_size=cfg.batch_size, shuffle=True,
+                            drop_last=True)
+        model.train()
+        t0 = time.perf_counter()
+        for batch, _ in loader:
+            step(model, opts, batch)
+        best = max(best, n / (time.perf_counter() - t0))
     return best
 
 
