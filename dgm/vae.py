@@ -75,7 +75,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, k: int, proposal: str = "posterior",
-                       chunk_rows: int = 1 << 16) -> tuple[torch.Tensor, ...]:
+                       chunk_rows: int | None = None) -> tuple[torch.Tensor, ...]:
         """Importance-sampled estimate of log p(x) with k samples per image.
 
         With ``proposal="posterior"`` this is the IWAE bound (Burda et al., 2016):
@@ -84,13 +84,16 @@ class VAE(nn.Module):
         Monte-Carlo estimate log 1/k sum_i p(x|z_i), z_i ~ p(z) (report 1.4a).
 
         Returns ``(estimate, stderr, ess)`` per image, each (B,): see
-        :func:`dgm.maths.log_mean_exp_stats`.
+        :func:`dgm.maths.log_mean_exp_stats`. The k samples are decoded ``chunk_rows`` at a
+        time (default: 4096 on the CPU, where cache-sized chunks ran 2x faster than 65536,
+        and 65536 on GPUs).
         """
         if proposal not in ("posterior", "prior"):
             raise ValueError(f"proposal must be 'posterior' or 'prior', not {proposal!r}")
         xf = x.flatten(1)  # (B, P)
         mu, logvar = self.encode(x)  # (B, D)
         std = torch.exp(0.5 * logvar)
+        chunk_rows = chunk_rows or (4096 if x.device.type == "cpu" else 1 << 16)
         per_chunk = max(1, chunk_rows // len(x))
         log_w = []
         for start in range(0, k, per_chunk):
