@@ -28,6 +28,7 @@ from dgm.maths import (
     logit_transform,
     std_normal_log_prob,
 )
+from dgm.optim import adam
 
 __all__ = [
     "ActNorm",
@@ -457,7 +458,7 @@ class RealNVP(nn.Module):
 
     def configure_optimizers(self, cfg) -> dict[str, torch.optim.Optimizer]:
         self._grad_clip, self._warmup_steps = cfg.grad_clip, cfg.warmup_steps
-        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr)
+        opt = adam(self.parameters(), lr=cfg.lr)
         # The step count lives in the param group, so that it is saved with the optimiser
         # and a resumed run continues the warm-up where it stopped.
         opt.param_groups[0]["base_lr"] = cfg.lr

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgm.optim import adam
+
 __all__ = ["GAN", "Discriminator", "Generator", "discriminator_loss", "generator_loss"]
 
 
@@ -129,9 +131,8 @@ class GAN(nn.Module):
 
     def configure_optimizers(self, cfg) -> dict[str, torch.optim.Optimizer]:
         betas = (cfg.beta1, cfg.beta2)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr,
-                                                  betas=betas)}
+        return {"generator": adam(self.generator.parameters(), cfg.lr, betas),
+                "discriminator": adam(self.discriminator.parameters(), cfg.lr, betas)}
 
     def training_step(self, x: torch.Tensor, optimizers: dict) -> dict[str, torch.Tensor]:
         """One discriminator update, then one generator update, each with fresh noise.

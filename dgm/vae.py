@@ -11,6 +11,7 @@ from torch import nn
 
 from dgm.data import binarize
 from dgm.maths import bernoulli_log_prob, kl_std_normal, log_mean_exp_stats
+from dgm.optim import adam
 
 __all__ = ["VAE"]
 
@@ -141,7 +142,7 @@ class VAE(nn.Module):
         return binarize(x, generator)
 
     def configure_optimizers(self, cfg) -> dict[str, torch.optim.Optimizer]:
-        return {"adam": torch.optim.Adam(self.parameters(), lr=cfg.lr)}
+        return {"adam": adam(self.parameters(), lr=cfg.lr)}
 
     def training_step(self, x: torch.Tensor, optimizers: dict) -> dict[str, torch.Tensor]:
         rec, kl = self(x)

@@ -15,7 +15,8 @@ ALLOWED = {
     "errors": set(),
     "data": {"errors"},
     "plots": {"runs", "errors"},
-    "model": {"maths", "data", "errors"},
+    "model": {"maths", "data", "errors", "optim"},
+    "optim": set(),
 }
 
 
