@@ -63,7 +63,7 @@ def step_flops(name: str, cfg, x: torch.Tensor, device) -> float:
     return counter.get_total_flops() / cfg.batch_size
 
 
-def dgm_ips(name: str, cfg, x: torch.Tensor, device, repeats: int = 2) -> float:
+def dgm_ips(name: str, cfg, x: torch.Tensor, device, repeats: int = 3) -> float:
     torch.manual_seed(0)
     model = build_model(name, cfg).to(device)
     opts = model.configure_optimizers(cfg)
@@ -71,7 +71,7 @@ def dgm_ips(name: str, cfg, x: torch.Tensor, device, repeats: int = 2) -> float:
     gen = torch.Generator(device).manual_seed(0)
     if hasattr(model, "initialize"):
         model.initialize(model.prepare(x[:cfg.batch_size], gen))
-    _train_epoch(model, opts, x[:4 * cfg.batch_size], cfg, gen, device, 1, 0, True)  # warm-up
+    _train_epoch(model, opts, x[:len(x) // 4], cfg, gen, device, 1, 0, True)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def flow_step(model, opt, x):  # the textbook flow loop: dequantise, -log p, ste
     opt.step()
 
 
-def reference_ips(name: str, cfg, x: torch.Tensor, repeats: int = 2) -> float:
+def reference_ips(name: str, cfg, x: torch.Tensor, repeats: int = 3) -> float:
     """A plain loop as pytorch/examples writes it: DataLoader, hand-written step (CPU)."""
     n = len(x) // cfg.batch_size * cfg.batch_size
     best = 0.0
