@@ -141,7 +141,10 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
         # that validation numbers are comparable across epochs and runs.
         val_in = model.prepare(val_x, torch.Generator(device).manual_seed(cfg.seed + 1))
         if cfg.compile:
-            model.compile()
+            # training_step calls submodules directly (the GAN's two networks, the flow's
+            # transform), so compile those rather than the wrapper's forward.
+            for child in model.children():
+                child.compile()
         if epoch == 0 and ctx.is_main:
             _pictures(model, cfg, run, 0)
 
@@ -255,7 +258,7 @@ def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, de
         "config": dataclasses.asdict(cfg),
         "epoch": epoch,
         "step": step,
-        "state_dict": {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()},
+        "state_dict": model.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "history": history,
         "rng": rng,
