@@ -47,42 +47,20 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
 def plot_curves(rows: list[dict], panels: dict[str, list[str]], path: str | Path,
                 title: str = "") -> Path:
     """One panel per entry of ``panels`` (title -> metric columns), each against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (panel, columns) in zip(axes[0], panels.items(), strict=True):
         for col in columns:
-            pts = [(r["epoch"], r[col]) for r in rows if r.get(col) is not None]
-            if pts:
-                x, y = zip(*pts, strict=True)
-                ax.plot(x, y, marker="o" if len(pts) < 30 else None, ms=3,
-                        label=col.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(panel)
-        ax.grid(alpha=0.3)
-        ax.legend()
+            _plot_metric(ax, rows, col, col.replace("_", " "))
+        _style(ax, panel)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _write_atomic(Path(path), buf.getvalue())
-    return Path(path)
+    return _save(fig, path, dpi=110)
 
 
 def plot_compare(series: dict[str, list[dict]], path: str | Path) -> Path:
     """Several runs' metrics (label -> metrics rows), one panel per metric, a line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     skip = {"epoch", "step", "time_s"}
     metrics = list(dict.fromkeys(k for rows in series.values() for r in rows for k in r
                                  if k not in skip))
@@ -93,19 +71,44 @@ def plot_compare(series: dict[str, list[dict]], path: str | Path) -> Path:
     fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.4 * nrow), squeeze=False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for label, rows in series.items():
-            pts = [(r["epoch"], r[metric]) for r in rows if r.get(metric) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=label)
-        ax.set_title(metric.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            _plot_metric(ax, rows, metric, label)
+        _style(ax, metric.replace("_", " "))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
+    return _save(fig, path, dpi=100)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_metric(ax, rows: list[dict], column: str, label: str) -> None:
+    pts = [(r["epoch"], r[column]) for r in rows if r.get(column) is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, ms=3,
+                label=label)
+
+
+def _style(ax, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
+    _pyplot().close(fig)
     _write_atomic(Path(path), buf.getvalue())
     return Path(path)
 
