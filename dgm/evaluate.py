@@ -13,7 +13,7 @@ from dgm.data import load_split
 from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
-from dgm.runs import atomic_write, load_checkpoint, load_config
+from dgm.runs import atomic_write, load_checkpoint, load_config, load_weights
 from dgm.train import build_model, resolve_device
 
 __all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
@@ -32,11 +32,7 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, name, map_location=dev)
     model = build_model(name, cfg)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise DgmError(f"checkpoint {path} does not fit the model in {run}/config.yaml; "
-                       "was the config edited? restore it or retrain") from None
+    load_weights(model, ckpt, path)
     return name, cfg, model.to(dev).eval(), ckpt
 
 

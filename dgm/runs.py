@@ -24,7 +24,8 @@ import yaml
 from dgm.config import TrainConfig, from_dict
 from dgm.errors import DgmError
 
-__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_config", "read_metrics",
+__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_config", "load_weights",
+           "read_metrics",
            "save_checkpoint", "save_config", "write_metrics"]
 
 FORMAT_VERSION = 1
@@ -112,6 +113,15 @@ def load_checkpoint(path: str | Path, model: str | None = None,
     if model is not None and ckpt["model"] != model:
         raise DgmError(f"checkpoint {path} holds a {ckpt['model']} model, not a {model}")
     return ckpt
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``, or say why they do not fit."""
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError):
+        raise DgmError(f"checkpoint {path} does not fit the model its run's config.yaml "
+                       "describes; was the config edited? restore it or retrain") from None
 
 
 def write_metrics(run: Path, rows: list[dict]) -> None:

@@ -23,7 +23,14 @@ from dgm.flow import RealNVP
 from dgm.gan import GAN
 from dgm.plots import plot_curves, save_grid
 from dgm.report import write_report
-from dgm.runs import RunLock, load_checkpoint, save_checkpoint, save_config, write_metrics
+from dgm.runs import (
+    RunLock,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_config,
+    write_metrics,
+)
 from dgm.vae import VAE
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
@@ -110,15 +117,17 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     data_gen = torch.Generator(device).manual_seed(cfg.seed)
     history, epoch, step = [], 0, 0
 
-    board = _tensorboard(run) if cfg.tensorboard and ctx.is_main else None
     lock = RunLock(run) if ctx.is_main else None
     if lock:
         for stale in run.rglob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink()
+    board = None
     try:
+        if cfg.tensorboard and ctx.is_main:
+            board = _tensorboard(run)
         if resume:
             ckpt = load_checkpoint(last_path, model_name, map_location=device)
-            model.load_state_dict(ckpt["state_dict"])
+            load_weights(model, ckpt, last_path)
             for name, opt in optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][name])
             history, epoch, step = ckpt["history"], ckpt["epoch"], ckpt["step"]

@@ -131,6 +131,13 @@ def test_refuses_foreign_tampered_and_newer_checkpoints(fake_data_dir, tmp_path,
     ckpt = torch.load(last, weights_only=True)
     one_line_error(capsys, 1, ["train", "gan", "--resume", str(run)], "is a vae run")
     one_line_error(capsys, 1, vae(fake_data_dir, run, "--epochs", "2"), "--resume")
+    config = run / "config.yaml"
+    original = config.read_text()
+    config.write_text(original.replace("hidden_dim: 32", "hidden_dim: 33"))
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run)], "does not fit")
+    one_line_error(capsys, 1, ["sample", str(run), "--out", str(tmp_path / "s.png")],
+                   "does not fit")
+    config.write_text(original)
     torch.save({**ckpt, "format_version": 99}, last)
     one_line_error(capsys, 1, ["evaluate", str(run), "--checkpoint", "last"], "newer")
     torch.save({**ckpt, "model": "gan"}, last)
