@@ -28,11 +28,6 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, n: int) -> slice:
-        """This rank's contiguous part of n items."""
-        per = n // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
-
     def part(self, n: int) -> slice:
         """This rank's contiguous part of n items, all items covered (sizes differ by <= 1)."""
         return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)

@@ -208,7 +208,7 @@ def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step,
     model.train()
     n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
     perm = torch.randperm(len(train_x), generator=data_gen, device=device)
-    mine = ctx.shard(cfg.batch_size)
+    mine = ctx.part(cfg.batch_size)  # equal parts: the batch divides by the world size
     sums: dict[str, torch.Tensor] = {}
     bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                disable=quiet or None, file=sys.stderr)
