@@ -68,10 +68,6 @@ class Context:
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, 0)
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
