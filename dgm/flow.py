@@ -324,15 +324,18 @@ def build_conv_flow(shape: Shape, hidden_dim: int, num_blocks: int, num_coupling
 
 
 def build_mlp_flow(shape: Shape, hidden_dim: int, num_blocks: int, num_couplings: int,
-                   actnorm: bool, scale_clamp: float) -> CompositeTransform:
-    """The report's flow: 2 * num_couplings MLP couplings with alternating checkerboards."""
+                   actnorm: bool, scale_clamp: float) -> MultiscaleTransform:
+    """The report's flow: 2 * num_couplings MLP couplings with alternating checkerboards.
+
+    One level with nothing factored out, so that its latent is flat (B, C*H*W) like the
+    conv arch's and sampling can invert a flat draw."""
     layers: list[Transform] = []
     for i in range(2 * num_couplings):
         if actnorm:
             layers.append(ActNorm(shape[0]))
         layers.append(AffineCoupling(shape, "checkerboard", i % 2, "mlp", hidden_dim,
                                      num_blocks, scale_clamp))
-    return CompositeTransform(layers)
+    return MultiscaleTransform([CompositeTransform(layers)], [shape])
 
 
 class RealNVP(nn.Module):
