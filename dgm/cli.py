@@ -9,18 +9,34 @@ import json
 import sys
 from pathlib import Path
 
-from dgm.config import CONFIGS, field_type, from_dict, validate
+from dgm.config import CONFIGS, MAX_SEED, field_type, from_dict, validate
 from dgm.errors import DgmError
 
 # Options of a run that may change when it is resumed; the rest define the run.
 RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs",
-             "tensorboard"}
+             "tensorboard", "threads"}
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must lie in 0..2^63-1, got {text}")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
 
 
 def _int_list(text: str) -> list[int]:
@@ -55,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = p.add_subparsers(dest="model", required=True, parser_class=Parser)
     for name, cls in CONFIGS.items():
         m = models.add_parser(name, help=f"train a {name}")
-        m.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file; "
-                                                             "flags win over it")
-        m.add_argument("--out", metavar="RUN",
-                       help="run folder (default runs/<model>-<data>-<time>)")
-        m.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+        m.add_argument("--config", metavar="FILE.yaml", type=_path,
+                       help="options from a YAML file; flags win over it")
+        m.add_argument("--out", metavar="RUN", type=_path,
+                       help="run folder (default runs/<model>-<data>-<time>); a new or empty "
+                            "folder")
+        m.add_argument("--resume", metavar="RUN", type=_path,
+                       help="continue the run in this folder")
         m.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
         _add_config_flags(m, cls)
         m.set_defaults(func=cmd_train)
@@ -80,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="a grid of samples from a trained run")
     p.add_argument("run", metavar="RUN")
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.png", type=_path)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -89,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifold", help="the learned 2-D manifold of a VAE with latent_dim 2")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--size", type=int, default=20, help="rows and columns (default 20)")
-    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--out", required=True, metavar="FILE.png", type=_path)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_manifold)
@@ -112,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("cdf", "slerp"), default="cdf",
                    help="cdf: straight line in the unit cube through the inverse normal CDF "
                         "(the report's); slerp: spherical (default cdf)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", required=True, metavar="FILE.png", type=_path)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_interpolate)
@@ -133,9 +151,12 @@ def cmd_train(args) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CONFIGS[args.model])
              if hasattr(args, f.name)}
-    if args.resume:
+    if args.resume is not None:
         if args.out and Path(args.out) != Path(args.resume):
             raise DgmError("--out and --resume name different folders; give only --resume RUN")
+        if args.config:
+            raise DgmError(f"--config cannot change a run on --resume; {args.resume}/config.yaml "
+                           "holds its options (flags such as --epochs may still change)")
         run = Path(args.resume)
         model, cfg = load_config(run)
         if model != args.model:
@@ -154,7 +175,7 @@ def cmd_train(args) -> int:
         run = Path(args.out) if args.out else default_run_dir(args.model, cfg.dataset)
     if not args.quiet:
         print(f"dgm: training {args.model} on {cfg.dataset} into {run}", file=sys.stderr)
-    train(args.model, cfg, run, resume=bool(args.resume), quiet=args.quiet)
+    train(args.model, cfg, run, resume=args.resume is not None, quiet=args.quiet)
     if not args.quiet:
         print(f"dgm: done; run folder {run}", file=sys.stderr)
     return 0

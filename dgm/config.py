@@ -7,6 +7,7 @@ the allowed range, checked by :func:`validate`.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,10 +18,16 @@ __all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "fr
 
 
 def opt(default, help: str, **limits):
-    """A config field with help text and limits (min, max, choices)."""
+    """A config field with help text and limits (min, max, below, choices)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
+
+
+# torch seeds are 64-bit; the trainer also seeds generators with seed + 1 and seed + 2.
+MAX_SEED = (1 << 63) - 1
+# Far beyond any useful width, well below what would exhaust memory before the first step.
+MAX_WIDTH = 1 << 14
 
 
 @dataclass
@@ -33,22 +40,26 @@ class TrainConfig:
     val_split: str = opt("train[90%:]", "validation split, e.g. 'test[9000:]'")
     test_split: str = opt("test", "test split used by 'dgm evaluate'")
     epochs: int = opt(40, "number of epochs", min=0)
-    batch_size: int = opt(128, "images per optimisation step", min=1)
+    batch_size: int = opt(128, "images per optimisation step", min=1, max=1 << 16)
     lr: float = opt(1e-3, "Adam learning rate", min=0.0)
-    seed: int = opt(0, "random seed for weights, batches and noise", min=0)
+    seed: int = opt(0, "random seed for weights, batches and noise", min=0, max=MAX_SEED)
     sample_epochs: list[int] = opt([0, 10, 20, 30, 40],
                                    "epochs at which to save a sample grid (0 = before training)")
     num_samples: int = opt(16, "images in each sample grid", min=1, max=1024)
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
     precision: str = opt("fp32", "bf16 autocast on supporting GPUs", choices=("fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
+    threads: int = opt(0, "CPU threads (0 = as many cores as other processes leave idle, "
+                          "checked every 2 s)", min=0, max=1024)
     tensorboard: bool = opt(False, "also log to RUN/tensorboard (needs: pip install tensorboard)")
 
 
 @dataclass
 class VAEConfig(TrainConfig):
-    latent_dim: int = opt(20, "size of the latent space (2 draws the manifold)", min=1)
-    hidden_dim: int = opt(500, "width of the encoder's and decoder's hidden layer", min=1)
+    latent_dim: int = opt(20, "size of the latent space (2 draws the manifold)", min=1,
+                          max=MAX_WIDTH)
+    hidden_dim: int = opt(500, "width of the encoder's and decoder's hidden layer", min=1,
+                          max=MAX_WIDTH)
     manifold_epochs: list[int] = opt([0, 20, 40], "epochs at which to draw the manifold "
                                                   "(latent_dim 2 only)")
     manifold_size: int = opt(20, "rows and columns of the manifold picture", min=2, max=100)
@@ -56,15 +67,16 @@ class VAEConfig(TrainConfig):
 
 @dataclass
 class GANConfig(TrainConfig):
-    latent_dim: int = opt(100, "size of the generator's noise input", min=1)
+    latent_dim: int = opt(100, "size of the generator's noise input", min=1, max=MAX_WIDTH)
     epochs: int = opt(200, "number of epochs", min=0)
-    batch_size: int = opt(64, "images per optimisation step", min=1)
+    # BatchNorm in the generator needs two images per batch (and per process).
+    batch_size: int = opt(64, "images per optimisation step", min=2, max=1 << 16)
     lr: float = opt(5e-4, "Adam learning rate of both networks", min=0.0)
     # The report gives no betas. beta1 0.5 (Radford et al., 2016) keeps this GAN training;
     # with Adam's default 0.9 the discriminator wins within one epoch (D(G(z)) -> 1e-4).
     beta1: float = opt(0.5, "Adam beta1 (0.5 as in DCGAN; 0.9 lets D win at once)",
-                       min=0.0, max=1.0)
-    beta2: float = opt(0.999, "Adam beta2", min=0.0, max=1.0)
+                       min=0.0, below=1.0)
+    beta2: float = opt(0.999, "Adam beta2", min=0.0, below=1.0)
     sample_epochs: list[int] = opt([0, 2, 8, 100, 200],
                                    "epochs at which to save a sample grid (0 = before training)")
 
@@ -74,10 +86,11 @@ class FlowConfig(TrainConfig):
     arch: str = opt("conv", "couplings: multi-scale residual conv nets (conv) or the report's "
                             "MLPs (mlp)", choices=("conv", "mlp"))
     hidden_dim: int | None = opt(None, "conditioner width (default: 32 channels for conv, "
-                                       "1024 units for mlp)", min=1)
-    num_blocks: int = opt(1, "residual blocks (conv) or hidden layers (mlp) per coupling", min=1)
+                                       "1024 units for mlp)", min=1, max=MAX_WIDTH)
+    num_blocks: int = opt(1, "residual blocks (conv) or hidden layers (mlp) per coupling", min=1,
+                          max=64)
     num_couplings: int = opt(3, "couplings per mask type and scale (the mlp arch stacks twice "
-                                "this many)", min=1)
+                                "this many)", min=1, max=64)
     num_scales: int = opt(2, "squeeze + factor-out steps of the conv arch", min=0, max=2)
     actnorm: bool = opt(True, "ActNorm before every coupling")
     alpha: float = opt(1e-6, "logit pre-processing squeeze: logit(alpha + (1 - 2 alpha) x)",
@@ -86,7 +99,8 @@ class FlowConfig(TrainConfig):
     temperature: float = opt(1.0, "prior standard deviation when sampling", min=0.0)
     grad_clip: float = opt(100.0, "gradient norm clip (0 = off)", min=0.0)
     warmup_steps: int = opt(200, "linear learning-rate warm-up steps (0 = off)", min=0)
-    batch_size: int = opt(64, "images per optimisation step", min=1)
+    # ActNorm initialises from a batch's standard deviation, which needs two images.
+    batch_size: int = opt(64, "images per optimisation step", min=2, max=1 << 16)
     sample_epochs: list[int] = opt([0, 1, 13, 26, 40],
                                    "epochs at which to save a sample grid (0 = before training)")
 
@@ -109,8 +123,9 @@ def _check(name: str, value, f: dataclasses.Field):
         return value
     if typing.get_origin(base) is list:
         if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise DgmError(f"option {name} must be a list of integers, got {value!r}")
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise DgmError(f"option {name} must be a list of epochs (integers >= 0), "
+                           f"got {value!r}")
         return value
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -119,6 +134,8 @@ def _check(name: str, value, f: dataclasses.Field):
     if not ok:
         raise DgmError(f"option {name} must be of type {base.__name__}, got {value!r}")
     value = float(value) if base is float else value
+    if base is float and not math.isfinite(value):
+        raise DgmError(f"option {name} must be a finite number, got {value!r}")
     m = f.metadata
     if "choices" in m and value not in m["choices"]:
         raise DgmError(f"option {name} must be one of {', '.join(m['choices'])}, got {value!r}")
@@ -126,6 +143,8 @@ def _check(name: str, value, f: dataclasses.Field):
         raise DgmError(f"option {name} must be >= {m['min']}, got {value!r}")
     if "max" in m and value > m["max"]:
         raise DgmError(f"option {name} must be <= {m['max']}, got {value!r}")
+    if "below" in m and value >= m["below"]:
+        raise DgmError(f"option {name} must be < {m['below']}, got {value!r}")
     return value
 
 

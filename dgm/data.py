@@ -22,7 +22,8 @@ import torch
 
 from dgm.errors import DgmError
 
-__all__ = ["DATASETS", "binarize", "find_file", "load_split", "parse_split", "read_idx"]
+__all__ = ["DATASETS", "binarize", "find_file", "load_split", "parse_split", "read_idx",
+           "split_overlap"]
 
 
 @dataclass(frozen=True)
@@ -213,21 +214,28 @@ def download(dataset: str, key: str, mirrors: tuple[str, ...] | None = None,
     dest_dir = dest_dir or default_cache_dir() / dataset
     dest = dest_dir / (info.name + ".gz")
     errors = []
+    made = not dest_dir.exists()
     for mirror in mirrors or ds.mirrors:
         url = mirror + info.name + ".gz"
+        tmp = None
         try:
             dest_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=dest_dir, delete=False) as tmp:
+            with tempfile.NamedTemporaryFile(dir=dest_dir, prefix=".", suffix=".part",
+                                             delete=False) as tmp:
                 _fetch(url, tmp)
             problem = verify(tmp.name, info)
             if problem:
-                os.unlink(tmp.name)
                 errors.append(f"{url}: {problem}")
                 continue
             os.replace(tmp.name, dest)
             return dest
-        except OSError as e:
+        except (OSError, DgmError) as e:
             errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        finally:
+            if tmp is not None and os.path.exists(tmp.name):  # a failed or refused download
+                os.unlink(tmp.name)
+    if made and dest_dir.is_dir() and not any(dest_dir.iterdir()):
+        dest_dir.rmdir()
     raise DgmError("; ".join(errors))
 
 
@@ -263,12 +271,29 @@ def load_split(dataset: str, split: str = "train", data_dir: str | Path | None =
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DgmError(f"{dataset} {base} files have shapes {images.shape} and {labels.shape}, "
                        "not (N, H, W) images with N labels; fetch them again")
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+        raise DgmError(f"{dataset} {base} images are {images.dtype} of size "
+                       f"{'x'.join(map(str, images.shape[1:]))}, not the 8-bit 28x28 images of "
+                       f"{dataset}; fetch the files again")
     s = _slice(len(images), start, stop)
     x = torch.from_numpy(images[s].copy()).unsqueeze(1)
     y = torch.from_numpy(labels[s].astype(np.int64))
     if len(x) == 0:
         raise DgmError(f"split {split!r} of {dataset} is empty ({len(images)} images in {base})")
     return x, y
+
+
+def split_overlap(dataset: str, a: str, b: str, data_dir: str | Path | None = None,
+                  offline: bool = False) -> int:
+    """How many images the splits ``a`` and ``b`` of ``dataset`` share (e.g. 'test[:9000]'
+    and 'test[8000:]' share 1000)."""
+    base_a, *bounds_a = parse_split(a)
+    base_b, *bounds_b = parse_split(b)
+    if base_a != base_b:
+        return 0
+    n = len(read_idx(find_file(dataset, f"{base_a}-images", data_dir, offline)))
+    ra, rb = range(n)[_slice(n, *bounds_a)], range(n)[_slice(n, *bounds_b)]
+    return max(0, min(ra.stop, rb.stop) - max(ra.start, rb.start)) if ra and rb else 0
 
 
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -9,11 +9,17 @@ A model that clips gradients inside ``training_step`` clips its rank's gradient
 before the average; with the clip inactive (its usual state) this changes nothing.
 """
 
+import datetime
 import os
+import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from dgm.errors import DgmError
 
 __all__ = ["Context", "setup"]
 
@@ -74,13 +80,80 @@ class Context:
 
 
 def setup(device: torch.device) -> tuple[Context, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    Waits at most ``DGM_DIST_TIMEOUT`` seconds (default 300) for the other processes, then
+    fails with a message that says who was waited for.
+    """
+    env = _torchrun_env()
+    if env is None:
         return Context(), device
+    rank, world, local_rank = env
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        timeout = _int_env("DGM_DIST_TIMEOUT", 300)
+        if rank == 0:
+            print(f"dgm: waiting up to {timeout} s for {world} processes at {where}",
+                  file=sys.stderr)
+        if rank != 0:
+            _wait_for_rank0(rank, timeout)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as e:  # torch's DistStoreError is a RuntimeError
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise DgmError(f"rank {rank} could not join {world} processes at {where} within "
+                           f"{timeout} s ({first}); start every rank with torchrun "
+                           "--nproc_per_node=N, or unset WORLD_SIZE to train alone") from None
     return Context(dist.get_rank(), dist.get_world_size()), device
+
+
+def _wait_for_rank0(rank: int, timeout: int) -> None:
+    """Wait until rank 0's store accepts connections, so that a missing rank 0 ends in one
+    line rather than torch's C++ connection-retry log."""
+    addr, port = os.environ["MASTER_ADDR"], _int_env("MASTER_PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DgmError(f"rank {rank} waited {timeout} s for rank 0 at {addr}:{port}, "
+                               "which never answered; start every rank with torchrun "
+                               "--nproc_per_node=N, or unset WORLD_SIZE to train alone") from None
+            time.sleep(0.2)
+
+
+def _int_env(name: str, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise DgmError(f"environment variable {name}={text!r} is not an integer; torchrun sets "
+                       "it: start dgm with torchrun, or unset it") from None
+
+
+def _torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from torchrun's variables; None when training alone."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    world = _int_env("WORLD_SIZE")
+    if world == 1:
+        return None
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if world < 1 or missing:
+        why = f"is {world}" if world < 1 else f"is set but {', '.join(missing)} is not"
+        raise DgmError(f"WORLD_SIZE {why}; start dgm with torchrun --nproc_per_node=N, "
+                       "or unset WORLD_SIZE to train alone")
+    rank, local_rank = _int_env("RANK"), _int_env("LOCAL_RANK", 0)
+    _int_env("MASTER_PORT")
+    if not 0 <= rank < world:
+        raise DgmError(f"RANK {rank} is outside 0..{world - 1} (WORLD_SIZE {world}); start dgm "
+                       "with torchrun, which sets both")
+    return rank, world, local_rank

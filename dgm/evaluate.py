@@ -1,6 +1,5 @@
 """Test metrics of a trained run, and loading a run's model for pictures."""
 
-import json
 import math
 import sys
 import time
@@ -13,7 +12,14 @@ from dgm.data import load_split
 from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
-from dgm.runs import atomic_write, load_checkpoint, load_config, load_weights
+from dgm.runs import (
+    json_safe,
+    load_checkpoint,
+    load_config,
+    load_weights,
+    read_evaluations,
+    save_evaluation,
+)
 from dgm.train import build_model, resolve_device
 
 __all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
@@ -40,7 +46,10 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  batch_size: int = 100, device: str = "auto", data_dir: str | None = None,
                  offline: bool = False, checkpoint: str = "best", quiet: bool = False,
                  sample_quality: bool = False) -> dict:
-    """Compute a run's test metrics, write them to ``run/evaluation.json`` and return them.
+    """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
+
+    Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
+    so a quick check with another split or k does not replace the k = 5000 results.
 
     Under ``torchrun`` the likelihoods are spread over the ranks; rank 0 alone scores
     sample quality, writes the file and returns the results (the others return None).
@@ -60,6 +69,7 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
                   quiet, sample_quality, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
+    read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
     data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline
     x, y = load_split(cfg.dataset, split, data_dir, offline)
@@ -79,15 +89,16 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     if name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write(run / "evaluation.json", lambda f: f.write(json.dumps(results, indent=2)),
-                 mode="w")
-    return results
+    key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else ")")
+    save_evaluation(run, key, results)
+    return json_safe(results)
 
 
 def _summary(values: torch.Tensor, dims: int) -> dict:
     """Mean log p(x) over images in nats, its standard error over images, and bits/dim."""
     values = values.double()
-    mean, sem = values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+    mean = values.mean().item()
+    sem = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else math.nan
     return {"log_px_nats": mean, "sem_nats": sem, "bits_per_dim": bits_per_dim(-mean, dims)}
 
 

@@ -37,7 +37,9 @@ def interpolate(start: torch.Tensor, end: torch.Tensor, steps: int,
     else:
         cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-300)
         omega = torch.acos(cos.clamp(-1, 1))
-        if omega.abs() < 1e-6:  # (anti)parallel: the sphere's arc degenerates to a line
+        if torch.sin(omega) < 1e-6 or a.norm() * b.norm() == 0:
+            # Parallel, opposite (always so in one dimension) or at the origin: no single
+            # great circle joins them, so take the straight line, through the origin if need be.
             path = torch.lerp(a, b, t)
         else:
             path = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)

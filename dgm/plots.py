@@ -58,8 +58,9 @@ def plot_curves(rows: list[dict], panels: dict[str, list[str]], path: str | Path
     return _save(fig, path, dpi=110)
 
 
-def plot_compare(series: dict[str, list[dict]], path: str | Path) -> Path:
-    """Several runs' metrics (label -> metrics rows), one panel per metric, a line per run."""
+def plot_compare(series: dict[str, list[dict]]) -> bytes:
+    """Several runs' metrics (label -> metrics rows), one panel per metric, a line per run;
+    returned as PNG bytes, for a page that embeds it (nothing is written beside the page)."""
     plt = _pyplot()
     skip = {"epoch", "step", "time_s"}
     metrics = list(dict.fromkeys(k for rows in series.values() for r in rows for k in r
@@ -75,7 +76,7 @@ def plot_compare(series: dict[str, list[dict]], path: str | Path) -> Path:
         _style(ax, metric.replace("_", " "))
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
-    return _save(fig, path, dpi=100)
+    return _png_bytes(fig, dpi=100)
 
 
 def _pyplot():
@@ -104,12 +105,16 @@ def _style(ax, title: str) -> None:
     ax.legend(fontsize=8)
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
+def _png_bytes(fig, dpi: int) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     _pyplot().close(fig)
-    _write_atomic(Path(path), buf.getvalue())
+    return buf.getvalue()
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    _write_atomic(Path(path), _png_bytes(fig, dpi))
     return Path(path)
 
 

@@ -6,14 +6,12 @@ network request, so the page opens anywhere, offline, exactly as written.
 
 import base64
 import html
-import json
+import re
 from pathlib import Path
-
-import yaml
 
 from dgm.errors import DgmError
 from dgm.plots import plot_compare
-from dgm.runs import atomic_write, read_metrics
+from dgm.runs import atomic_write, read_evaluations, read_metrics, read_yaml
 
 __all__ = ["write_report"]
 
@@ -41,9 +39,28 @@ window.addEventListener('load', () => {
 """
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _img(png: Path | bytes, alt: str) -> str:
+    data = base64.b64encode(png if isinstance(png, bytes) else png.read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _pngs(folder: Path, pattern: str = "*.png") -> list[Path]:
+    """The PNG files in ``folder``; files that only carry the name are left out."""
+    found = []
+    for p in sorted(folder.glob(pattern)):
+        with open(p, "rb") as f:
+            if f.read(8) == PNG_SIGNATURE:
+                found.append(p)
+    return found
+
+
+def _epoch_pngs(folder: Path) -> list[Path]:
+    """``epoch_NNN.png`` pictures in epoch order (other files in the folder are not dgm's)."""
+    pngs = [p for p in _pngs(folder, "epoch_*.png") if re.fullmatch(r"epoch_\d+", p.stem)]
+    return sorted(pngs, key=lambda p: int(p.stem[6:]))
 
 
 def _figures(paths: list[Path], caption) -> str:
@@ -77,32 +94,28 @@ def _load(run: Path) -> dict:
     if not (run / "config.yaml").is_file():
         raise DgmError(f"{run} is not a dgm run folder (no config.yaml); "
                        "give the folder that 'dgm train' wrote")
-    with open(run / "config.yaml") as f:
-        config = yaml.safe_load(f) or {}
-    evaluation = {}
-    if (run / "evaluation.json").is_file():
-        evaluation = json.loads((run / "evaluation.json").read_text())
-    return {"config": config, "metrics": read_metrics(run), "evaluation": evaluation}
+    return {"config": read_yaml(run / "config.yaml"), "metrics": read_metrics(run),
+            "evaluation": read_evaluations(run)}
 
 
 def _run_sections(run: Path, info: dict) -> str:
     cfg, rows, ev = info["config"], info["metrics"], info["evaluation"]
     parts = [f"<h2>Configuration</h2>{_table(['option', 'value'], list(cfg.items()))}"]
-    if ev:
-        parts.append("<h2>Evaluation</h2>" + _table(["metric", "value"],
-                                                    list(_flatten(ev).items())))
+    for key, results in ev.items():
+        parts.append(f"<h2>Evaluation: {html.escape(key)}</h2>"
+                     + _table(["metric", "value"], list(_flatten(results).items())))
     if (run / "curves.png").is_file():
         parts.append(f"<h2>Curves</h2>{_img(run / 'curves.png', 'training curves')}")
     if rows:
         cols = list(rows[0])
         parts.append(f"<h2>Metrics per epoch</h2><div class=scroll>"
                      f"{_table(cols, [[r.get(c) for c in cols] for r in rows])}</div>")
-    epoch = lambda p: f"epoch {int(p.stem.split('_')[-1])}"  # noqa: E731
+    epoch = lambda p: f"epoch {int(p.stem[6:])}"  # noqa: E731
     for folder, title in (("samples", "Samples"), ("manifold", "Manifold")):
-        pngs = sorted((run / folder).glob("epoch_*.png"))
+        pngs = _epoch_pngs(run / folder)
         if pngs:
             parts.append(f"<h2>{title} by epoch</h2>{_figures(pngs, epoch)}")
-    extra = sorted(p for p in run.glob("*.png") if p.name != "curves.png")
+    extra = [p for p in _pngs(run) if p.name != "curves.png"]
     if extra:
         parts.append(f"<h2>Other pictures</h2>{_figures(extra, lambda p: p.stem)}")
     return "".join(parts)
@@ -114,6 +127,19 @@ def _page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"<script>{CHECK}</script></head><body><h1>{html.escape(title)}</h1>{body}"
             "</body></html>")
+
+
+def _labels(runs: list[Path]) -> dict[Path, str]:
+    """A distinct label per run: its folder's name, with as many parent folders as it takes
+    to tell runs of the same name apart."""
+    if len({r.resolve() for r in runs}) < len(runs):
+        raise DgmError("the same run is named twice; give each run once")
+    parts = [r.resolve().parts for r in runs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return dict(zip(runs, labels, strict=True))
+    raise AssertionError("distinct resolved paths always have distinct suffixes")
 
 
 def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -135,24 +161,22 @@ def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
         if out is None:
             raise DgmError("comparing runs needs --out FILE.html")
         out = Path(out)
-        labels = [r.name for r in runs]
-        series = {r.name: infos[r]["metrics"] for r in runs}
-        curves = out.with_suffix(".curves.png")
-        plot_compare(series, curves)
+        labels = _labels(runs)
+        series = {labels[r]: infos[r]["metrics"] for r in runs}
         summary = {}
         for r in runs:
             last = infos[r]["metrics"][-1] if infos[r]["metrics"] else {}
-            summary[r.name] = {**{f"config.{k}": v for k, v in infos[r]["config"].items()},
-                               **{f"last.{k}": v for k, v in last.items()},
-                               **_flatten(infos[r]["evaluation"], "eval.")}
+            summary[labels[r]] = {**{f"config.{k}": v for k, v in infos[r]["config"].items()},
+                                  **{f"last.{k}": v for k, v in last.items()},
+                                  **_flatten(infos[r]["evaluation"], "eval.")}
         keys = list(dict.fromkeys(k for s in summary.values() for k in s))
-        table = _table(["", *labels], [[k, *(summary[n].get(k) for n in labels)] for k in keys])
-        body = (f"<h2>Curves</h2>{_img(curves, 'curves of all runs')}"
+        names = list(summary)
+        table = _table(["", *names], [[k, *(summary[n].get(k) for n in names)] for k in keys])
+        body = (f"<h2>Curves</h2>{_img(plot_compare(series), 'curves of all runs')}"
                 f"<h2>Side by side</h2><div class=scroll>{table}</div>")
         for r in runs:
-            body += f"<h2>{html.escape(r.name)}: samples</h2>" + _figures(
-                sorted((r / "samples").glob("epoch_*.png"))[-1:], lambda p: p.stem)
-        curves.unlink()
+            body += f"<h2>{html.escape(labels[r])}: samples</h2>" + _figures(
+                _epoch_pngs(r / "samples")[-1:], lambda p: p.stem)
         page = _page(f"dgm: {len(runs)} runs compared", body)
     atomic_write(out, lambda f: f.write(page), mode="w")
     return out

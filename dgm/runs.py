@@ -11,8 +11,11 @@ import csv
 import dataclasses
 import fcntl
 import io
+import json
+import math
 import os
 import pickle
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,9 +27,10 @@ import yaml
 from dgm.config import TrainConfig, from_dict
 from dgm.errors import DgmError
 
-__all__ = ["FORMAT_VERSION", "RunLock", "load_checkpoint", "load_config", "load_weights",
-           "read_metrics",
-           "save_checkpoint", "save_config", "write_metrics"]
+__all__ = ["FORMAT_VERSION", "RunLock", "check_run_folder", "load_checkpoint", "load_config",
+           "json_safe", "load_weights", "read_evaluations", "read_metrics", "remove_stale_temps",
+           "save_evaluation", "save_checkpoint", "save_config",
+           "write_metrics"]
 
 FORMAT_VERSION = 1
 _UMASK = os.umask(0)
@@ -48,6 +52,29 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# The folders of a run that dgm writes into, and the temporary names atomic_write gives.
+RUN_FOLDERS = (".", "checkpoints", "samples", "manifold")
+_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(run: Path) -> None:
+    """Delete the temporary files that a process killed mid-write left in ``run``: only
+    atomic_write's names, only in the folders dgm writes, never in a user's subfolders."""
+    for folder in RUN_FOLDERS:
+        for p in (run / folder).glob(".*.tmp"):
+            if _TEMP.fullmatch(p.name) and p.is_file():
+                p.unlink()
+
+
+def check_run_folder(run: Path) -> None:
+    """Refuse to write a new run into anything but a new or empty folder or a dgm run."""
+    if run.exists() and not run.is_dir():
+        raise DgmError(f"--out {run} is a file, not a folder; choose another --out")
+    if run.is_dir() and not (run / "config.yaml").is_file() and any(run.iterdir()):
+        raise DgmError(f"--out {run} is a folder that holds other files and is not a dgm run; "
+                       "dgm writes only into a new or empty folder: choose another --out")
 
 
 def default_run_dir(model: str, dataset: str) -> Path:
@@ -139,15 +166,56 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.csv"
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()}
-                for row in csv.DictReader(f)]
+                for row in rows]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError):
+        raise DgmError(f"{path} is not the metrics table dgm wrote (edited or corrupt); "
+                       "restore it, or delete it and resume the run to rewrite it") from None
+
+
+def read_evaluations(run: str | Path) -> dict[str, dict]:
+    """Every evaluation saved in ``run/evaluation.json``, keyed by what it measured."""
+    path = Path(run) / "evaluation.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and "model" in data:  # one unkeyed result, as dgm 0.1.0 wrote
+        data = {"(unkeyed)": data}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise DgmError(f"{path} is not the evaluation file dgm wrote (edited or corrupt); "
+                       "restore it, or delete it and run dgm evaluate again")
+    return data
+
+
+def save_evaluation(run: str | Path, key: str, results: dict) -> None:
+    """Add ``results`` under ``key`` to ``run/evaluation.json``, keeping other evaluations;
+    values that are not finite (a standard error from one image) are written as null."""
+    evaluations = read_evaluations(run)
+    evaluations[key] = {**evaluations.get(key, {}), **json_safe(results)}
+    text = json.dumps(evaluations, indent=2, allow_nan=False)
+    atomic_write(Path(run) / "evaluation.json", lambda f: f.write(text), mode="w")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None, which JSON can hold."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 class RunLock:
     """An exclusive lock on a run folder, so that two trainings cannot write the same run."""
 
     def __init__(self, run: Path):
+        self.run, self.made = run, not run.exists()
         run.mkdir(parents=True, exist_ok=True)
         self.file = open(run / ".lock", "w")  # noqa: SIM115 - held for the run's lifetime
         try:
@@ -158,4 +226,8 @@ class RunLock:
                            "or choose another --out") from None
 
     def release(self) -> None:
+        """Unlock; a folder this lock made and nothing else filled is removed again."""
+        if self.made and [p.name for p in self.run.iterdir()] == [".lock"]:
+            (self.run / ".lock").unlink()
+            self.run.rmdir()
         self.file.close()

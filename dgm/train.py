@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dgm.config import TrainConfig
-from dgm.data import load_split
+from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.flow import RealNVP
@@ -25,12 +25,15 @@ from dgm.plots import plot_curves, save_grid
 from dgm.report import write_report
 from dgm.runs import (
     RunLock,
+    check_run_folder,
     load_checkpoint,
     load_weights,
+    remove_stale_temps,
     save_checkpoint,
     save_config,
     write_metrics,
 )
+from dgm.threads import ThreadPolicy
 from dgm.vae import VAE
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
@@ -81,11 +84,22 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     ``torchrun`` every rank trains on its shard of each batch and only rank 0 writes.
     """
     run = Path(run)
-    ctx, device = setup(resolve_device(cfg.device))
+    # SIGTERM from the start, so that a run stopped while it starts up still cleans up.
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _train(model_name, cfg, run, resume, quiet or not ctx.is_main, ctx, device)
+        ctx, device = setup(resolve_device(cfg.device))
+        try:
+            return _train(model_name, cfg, run, resume, quiet or not ctx.is_main, ctx, device)
+        finally:
+            ctx.close()
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" \
+                not in str(e):
+            raise
+        raise DgmError(f"out of memory ({str(e).strip().splitlines()[-1][:100]}); lower "
+                       "--batch-size or the model's size (--hidden-dim, --latent-dim)") from None
     finally:
-        ctx.close()
+        signal.signal(signal.SIGTERM, old_handler)
 
 
 def _train(model_name, cfg, run, resume, quiet, ctx, device):
@@ -95,11 +109,13 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
         raise DgmError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
                        "processes; each takes an equal part of every batch")
     last_path = run / "checkpoints" / "last.pt"
-    if not resume and last_path.exists():
-        raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
-                       "or choose another --out")
-    if resume and not last_path.exists():
-        raise DgmError(f"{run} has no checkpoint to resume from; start it without --resume")
+    if not resume:
+        check_run_folder(run)
+        if last_path.exists():
+            raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
+                           "or choose another --out")
+    # A run stopped before its first checkpoint resumes from the start, with its config.
+    resume = resume and last_path.exists()
 
     torch.manual_seed(cfg.seed)
     train_x, _ = load_split(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.offline)
@@ -110,6 +126,7 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     if len(train_x) < cfg.batch_size:
         raise DgmError(f"training split {cfg.train_split!r} has {len(train_x)} images, fewer "
                        f"than one batch of {cfg.batch_size}; lower --batch-size")
+    _warn_overlaps(cfg)
     train_x, val_x = train_x.to(device), val_x.to(device)
 
     model = build_model(model_name, cfg).to(device)
@@ -119,8 +136,7 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
 
     lock = RunLock(run) if ctx.is_main else None
     if lock:
-        for stale in run.rglob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
+        remove_stale_temps(run)  # left by a process killed mid-write
     board = None
     try:
         if cfg.tensorboard and ctx.is_main:
@@ -131,6 +147,9 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
             for name, opt in optimizers.items():
                 opt.load_state_dict(ckpt["optimizers"][name])
             history, epoch, step = ckpt["history"], ckpt["epoch"], ckpt["step"]
+            if cfg.epochs < epoch:
+                raise DgmError(f"--epochs {cfg.epochs} is fewer than the {epoch} epochs {run} "
+                               f"has already run; give --epochs {epoch} or more")
             data_gen.set_state(ckpt["rng"]["data"])
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -146,6 +165,26 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
         if ctx.is_main:
             save_config(run, model_name, cfg)
             write_metrics(run, history)  # drops rows of an epoch that never reached a checkpoint
+        _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, device, ctx,
+              quiet, board, history, epoch, step)
+        if ctx.is_main:
+            try:
+                write_report([run])
+            except DgmError as e:  # a hand-edited file in the run; the training itself is done
+                print(f"dgm: warning: no report written: {e}", file=sys.stderr)
+    finally:
+        if lock:
+            lock.release()
+        if board:
+            board.close()
+    return model, history
+
+
+def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, device, ctx, quiet,
+          board, history, epoch, step):
+    """Epoch 0's pictures, then train, validate, checkpoint and draw every epoch."""
+    threads = ThreadPolicy(cfg.threads if device.type == "cpu" else -1)
+    try:
         # Validation images are prepared (binarised, dequantised) once, with a fixed seed, so
         # that validation numbers are comparable across epochs and runs.
         val_in = model.prepare(val_x, torch.Generator(device).manual_seed(cfg.seed + 1))
@@ -156,54 +195,44 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
                 child.compile()
         if epoch == 0 and ctx.is_main:
             _pictures(model, cfg, run, 0)
-
-        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            while epoch < cfg.epochs:
-                t0 = time.perf_counter()
-                stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
-                                           epoch + 1, step, quiet, ctx)
-                ctx.broadcast_module(model)  # BatchNorm statistics are per rank; keep rank 0's
-                val = _validate(model, val_in, cfg, device, ctx)
-                epoch += 1
-                row = {"epoch": epoch, "step": step, **stats, **val,
-                       "time_s": round(time.perf_counter() - t0, 3)}
-                history.append(row)
-                if ctx.is_main:
-                    _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
-                          device, cfg)
-                    write_metrics(run, history)
-                    plot_curves(history, model.curves, run / "curves.png",
-                                title=f"{model_name} on {cfg.dataset}")
-                    samples = _pictures(model, cfg, run, epoch)
-                if board:
-                    for k, v in row.items():
-                        board.add_scalar(k, v, epoch)
-                    if samples is not None:
-                        board.add_images("samples", samples, epoch)
-                    board.flush()
-                if not quiet:
-                    shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                      if k not in ("epoch", "step"))
-                    tqdm.write(f"epoch {epoch}/{cfg.epochs}  {shown}")
-        except KeyboardInterrupt:
-            done = f"epoch {epoch}" if epoch else "no epoch"
-            raise Interrupted(f"interrupted during epoch {epoch + 1}; {done} is saved in {run}; "
-                              f"continue with: dgm train {model_name} --resume {run}") from None
-        finally:
-            signal.signal(signal.SIGTERM, old_handler)
-        if ctx.is_main:
-            write_report([run])
+        while epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
+                                       epoch + 1, step, quiet, ctx, threads)
+            ctx.broadcast_module(model)  # BatchNorm statistics are per rank; keep rank 0's
+            val = _validate(model, val_in, cfg, device, ctx)
+            epoch += 1
+            row = {"epoch": epoch, "step": step, **stats, **val,
+                   "time_s": round(time.perf_counter() - t0, 3)}
+            history.append(row)
+            samples = None
+            if ctx.is_main:
+                _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
+                      device, cfg)
+                write_metrics(run, history)
+                plot_curves(history, model.curves, run / "curves.png",
+                            title=f"{model_name} on {cfg.dataset}")
+                samples = _pictures(model, cfg, run, epoch)
+            if board:
+                for k, v in row.items():
+                    board.add_scalar(k, v, epoch)
+                if samples is not None:
+                    board.add_images("samples", samples, epoch)
+                board.flush()
+            if not quiet:
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                  if k not in ("epoch", "step"))
+                tqdm.write(f"epoch {epoch}/{cfg.epochs}  {shown}")
+    except KeyboardInterrupt:
+        saved = f"epoch {epoch} is saved" if epoch else "no epoch had finished"
+        raise Interrupted(f"interrupted during epoch {epoch + 1}; {saved}; continue with: "
+                          f"dgm train {model_name} --resume {run}") from None
     finally:
-        if lock:
-            lock.release()
-        if board:
-            board.close()
-    return model, history
+        threads.restore()
 
 
 def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet,
-                 ctx=None):
+                 ctx=None, threads=None):
     ctx = ctx or Context()
     model.train()
     n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
@@ -222,14 +251,18 @@ def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step,
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         step += 1
+        if threads:
+            threads.update()
         # Checking finiteness syncs with the device (and the ranks), so only now and then.
         if i % 50 == 49 or i == n_batches - 1:
             means = {k: (ctx.sum(v.clone()) / ctx.world / (i + 1)).item() for k, v in sums.items()}
             bad = [k for k, v in means.items() if not math.isfinite(v)]
             if bad:
+                kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept" if epoch > 1
+                        else "no epoch had finished")
                 raise NonFiniteLoss(f"{bad[0]} became non-finite in epoch {epoch} (step {step}); "
-                                    f"the last good checkpoint (epoch {epoch - 1}) is kept; "
-                                    "lower --lr or change --seed and resume or restart")
+                                    f"{kept}; start a new run (another --out) with a lower --lr "
+                                    "or another --seed")
             bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
     return means, step
 
@@ -247,6 +280,19 @@ def _validate(model, val_in, cfg, device, ctx) -> dict[str, float]:
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.float() * len(x)
     return {k: (ctx.sum(v) / len(val_in)).item() for k, v in sums.items()}
+
+
+def _warn_overlaps(cfg: TrainConfig) -> None:
+    """Say so when the training, validation and test splits share images."""
+    splits = {"training": cfg.train_split, "validation": cfg.val_split, "test": cfg.test_split}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = split_overlap(cfg.dataset, splits[a], splits[b], cfg.data_dir, cfg.offline)
+            if shared:
+                print(f"dgm: warning: the {a} split {splits[a]!r} and the {b} split "
+                      f"{splits[b]!r} share {shared} images; their metrics are not independent",
+                      file=sys.stderr)
 
 
 def _tensorboard(run: Path):

@@ -132,7 +132,8 @@ def test_cli_end_to_end(real_data_dir, tmp_path, monkeypatch, capsys):
     cache = results["classifier"]["cache"]  # under $XDG_CACHE_HOME/dgm/classifiers
     assert cache.startswith(str(tmp_path / "cache" / "dgm" / "classifiers" / "mnist-"))
     assert "weak" in results["parzen"]["note"]
-    assert json.loads((run / "evaluation.json").read_text())["model"] == "gan"
+    saved = json.loads((run / "evaluation.json").read_text())
+    assert [v["model"] for v in saved.values()] == ["gan"]
 
     for method in ("cdf", "slerp"):
         out = tmp_path / f"interp_{method}.png"
