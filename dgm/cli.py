@@ -184,8 +184,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from dgm.evaluate import evaluate_run
 
-    if args.iw_samples < 1 or args.batch_size < 1:
-        raise DgmError("--iw-samples and --batch-size must be at least 1")
+    if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5):
+        raise DgmError("--iw-samples must lie in 1..1000000 and --batch-size in 1..100000")
     results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
                            args.data_dir, args.offline, args.checkpoint,
                            quiet=args.quiet or args.json, sample_quality=args.sample_quality)
@@ -267,6 +267,8 @@ def cmd_data(args) -> int:
 def cmd_report(args) -> int:
     from dgm.report import write_report
 
+    if args.out is not None and not args.out.lower().endswith(".html"):
+        raise DgmError(f"--out {args.out} must end in .html")
     print(write_report(args.runs, args.out))
     return 0
 

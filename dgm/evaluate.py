@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dgm.data import load_split
+from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
@@ -77,6 +77,12 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     t0 = time.perf_counter()
     results = {"model": name, "dataset": cfg.dataset, "split": split, "n_images": len(x),
                "checkpoint": checkpoint, "epoch": ckpt["epoch"]}
+    shared = split_overlap(cfg.dataset, split, cfg.train_split, data_dir, offline)
+    if shared:
+        results["warning"] = (f"{shared} of these {len(x)} images are in the training split "
+                              f"{cfg.train_split!r}: this is not a test result")
+        if ctx.is_main:
+            print(f"dgm: warning: {results['warning']}", file=sys.stderr)
     if len(x) < ctx.world:
         raise DgmError(f"split {split!r} has {len(x)} images, fewer than the {ctx.world} "
                        "processes")

@@ -108,6 +108,11 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     if cfg.batch_size % ctx.world:
         raise DgmError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
                        "processes; each takes an equal part of every batch")
+    least = next(f for f in dataclasses.fields(cfg) if f.name == "batch_size").metadata["min"]
+    if cfg.batch_size // ctx.world < least:
+        raise DgmError(f"--batch-size {cfg.batch_size} leaves fewer than {least} images to each "
+                       f"of the {ctx.world} processes; give --batch-size {least * ctx.world} or "
+                       "more")
     last_path = run / "checkpoints" / "last.pt"
     if not resume:
         check_run_folder(run)

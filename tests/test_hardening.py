@@ -1,0 +1,313 @@
+"""Inputs that once ended in a traceback, a silent wrong result, lost files or advice that
+did not work: each family gets a one-line error or the documented behaviour."""
+
+import dataclasses
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_idx
+from test_cli import one_line_error, vae
+
+from dgm import data
+from dgm.cli import main
+from dgm.config import CONFIGS, field_type
+from dgm.interpolation import interpolate
+from dgm.runs import load_checkpoint
+
+
+def usage_error(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err, err
+
+
+# Numbers that pass a range check but not the optimiser or the maths.
+
+@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+def test_non_finite_floats_are_refused(model, fake_data_dir, tmp_path, capsys):
+    floats = [f.name for f in dataclasses.fields(CONFIGS[model]) if field_type(f)[0] is float]
+    for name in floats:
+        for value in ("nan", "inf", "-inf"):
+            argv = ["train", model, f"--{name.replace('_', '-')}={value}",
+                    "--out", str(tmp_path / "r")]
+            one_line_error(capsys, 1, argv, f"option {name} must be")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_of_range_numbers(fake_data_dir, tmp_path, capsys):
+    r = str(tmp_path / "r")
+    cases = [
+        (["train", "gan", "--beta1", "1.0", "--out", r], "beta1 must be < 1.0"),
+        (["train", "gan", "--beta2", "1", "--out", r], "beta2 must be < 1.0"),
+        (["train", "vae", "--seed", str(2 ** 64), "--out", r], "seed must be <="),
+        (["train", "vae", "--latent-dim", str(10 ** 9), "--out", r], "latent_dim must be <="),
+        (["train", "vae", "--hidden-dim", str(10 ** 12), "--out", r], "hidden_dim must be <="),
+        (["train", "gan", "--batch-size", "1", "--out", r], "batch_size must be >= 2"),
+        (["train", "flow", "--batch-size", "1", "--out", r], "batch_size must be >= 2"),
+        (["train", "vae", "--sample-epochs", "0,-1", "--out", r], "integers >= 0"),
+        (["evaluate", r, "--iw-samples", str(10 ** 7)], "--iw-samples must lie in"),
+        (["report", r, "--out", "x.png"], "must end in .html"),
+    ]
+    for argv, match in cases:
+        one_line_error(capsys, 1, argv, match)
+    usage_error(capsys, ["sample", r, "--seed", str(2 ** 64), "--out", "x.png"], "seed")
+    usage_error(capsys, ["interpolate", r, "--seed", "-1", "--out", "x.png"], "seed")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_of_memory_is_one_line(fake_data_dir, tmp_path, capsys, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 4000000000000 bytes.")
+
+    monkeypatch.setattr("dgm.train.build_model", no_memory)
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r"), "out of memory")
+    assert not (tmp_path / "r").exists()
+
+
+# Run folders with a corrupt or hand-edited file.
+
+@pytest.fixture
+def run(fake_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    return run
+
+
+def test_report_on_corrupt_run_files(run, capsys):
+    report = ["report", str(run)]
+    edits = [("config.yaml", "model: [vae\n", "not valid YAML"),
+             ("config.yaml", "- a list\n", "must be a mapping"),
+             ("metrics.csv", "epoch,val_elbo\n1,lots\n", "not the metrics table"),
+             ("metrics.csv", "epoch\n1,2,3\n", "not the metrics table"),
+             ("evaluation.json", "{not json", "not the evaluation file"),
+             ("evaluation.json", "[1, 2]", "not the evaluation file")]
+    for name, text, match in edits:
+        original = (run / name).read_bytes() if (run / name).exists() else None
+        (run / name).write_text(text)
+        one_line_error(capsys, 1, report, match)
+        if original is None:
+            (run / name).unlink()
+        else:
+            (run / name).write_bytes(original)
+    # Files in samples/ that dgm did not write are passed over, not fatal.
+    (run / "samples" / "epoch_abc.png").write_bytes(b"not a png")
+    (run / "samples" / "epoch_007.png").write_text("a text file with a png name")
+    (run / "samples" / "notes.txt").write_text("mine")
+    assert main(report) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("<img") == 3  # curves, and the samples of epochs 0 and 1
+
+
+def test_resumed_training_with_a_corrupt_evaluation_still_finishes(run, capsys):
+    (run / "evaluation.json").write_text("{not json")
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert "no report written" in capsys.readouterr().err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert (run / "evaluation.json").read_text() == "{not json"  # not dgm's to repair
+
+
+# Data files of the wrong image size or element type.
+
+@pytest.mark.parametrize("images", [np.zeros((256, 32, 32), np.uint8),
+                                    np.zeros((256, 28, 28), np.int32)])
+def test_data_of_the_wrong_size_or_type(images, fake_data_dir, tmp_path, capsys):
+    path = fake_data_dir / "mnist" / "train-images-idx3-ubyte.gz"
+    if images.dtype == np.uint8:
+        write_idx(path.with_suffix(""), images)
+    else:  # IDX type code 0x0C: big-endian int32
+        header = bytes([0, 0, 0x0C, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
+        path.write_bytes(gzip.compress(header + images.astype(">i4").tobytes()))
+    data._read_idx.cache_clear()
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r"), "not the 8-bit 28x28")
+
+
+# torchrun's variables set wrongly or without torchrun.
+
+@pytest.mark.parametrize("env,match", [
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE is 0"),
+    ({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT is not"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "RANK 2 is outside 0..1"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9",
+      "DGM_DIST_TIMEOUT": "1"}, "waited 1 s for rank 0"),
+])
+def test_torchrun_environment(env, match, fake_data_dir, tmp_path, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r"), match)
+    assert not (tmp_path / "r").exists()
+
+
+# Interrupts, non-finite losses, and whether the advice they print then works.
+
+def test_interrupt_at_start_up_leaves_nothing(fake_data_dir, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dgm.train._pictures", interrupt)
+    assert main(vae(fake_data_dir, tmp_path / "r", "--epochs", "1")) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr("dgm.train.build_model", interrupt)
+    assert main(vae(fake_data_dir, tmp_path / "s", "--epochs", "1")) == 130
+    assert not (tmp_path / "s").exists()  # no lock-only folder
+
+
+def test_advice_after_an_interrupt_in_the_first_epoch_works(fake_data_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    import dgm.train
+
+    real = dgm.train._train_epoch
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dgm.train, "_train_epoch", interrupt)
+    run = tmp_path / "r"
+    assert main(vae(fake_data_dir, run, "--epochs", "2")) == 130
+    advice = capsys.readouterr().err.split("continue with: ")[1].split()
+    monkeypatch.setattr(dgm.train, "_train_epoch", real)
+    assert advice[:3] == ["dgm", "train", "vae"]
+    assert main(advice[1:] + ["--quiet"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_advice_after_a_non_finite_loss_works(fake_data_dir, tmp_path, capsys, monkeypatch):
+    from dgm.vae import VAE
+
+    real = VAE.training_step
+    monkeypatch.setattr(VAE, "training_step",
+                        lambda self, x, opt: {"train_elbo": torch.tensor(float("nan"))})
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r", "--epochs", "1"),
+                   "no epoch had finished; start a new run (another --out) with a lower --lr")
+    monkeypatch.setattr(VAE, "training_step", real)
+    assert main(vae(fake_data_dir, tmp_path / "r2", "--epochs", "1", "--lr", "1e-4")) == 0
+
+
+def test_resume_combinations(run, fake_data_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 3\n")
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run), "--config", str(cfg)],
+                   "--config cannot change a run on --resume")
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run), "--epochs", "1"],
+                   "--epochs 1 is fewer than the 2 epochs")
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["epochs"] == 2
+    usage_error(capsys, ["train", "vae", "--resume", ""], "empty string")
+    usage_error(capsys, ["train", "vae", "--out", " "], "empty string")
+
+
+# Writing only into what is dgm's.
+
+def test_out_is_never_a_foreign_folder(fake_data_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "deep").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "deep" / ".draft.tmp").write_text("keep me too")
+    one_line_error(capsys, 1, vae(fake_data_dir, mine), "not a dgm run")
+    assert sorted(p.name for p in mine.rglob("*")) == [".draft.tmp", "deep", "notes.txt"]
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "file"), "is a file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(vae(fake_data_dir, empty, "--epochs", "1")) == 0
+
+
+def test_stale_temps_are_only_dgms(run, capsys):
+    (run / "samples" / ".epoch_001.png.ab12cd34.tmp").write_text("dgm's, from a kill")
+    (run / "extra").mkdir()
+    (run / "extra" / ".epoch_001.png.ab12cd34.tmp").write_text("the user's")
+    (run / ".notes.tmp").write_text("the user's")
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert not (run / "samples" / ".epoch_001.png.ab12cd34.tmp").exists()
+    assert (run / "extra" / ".epoch_001.png.ab12cd34.tmp").exists()
+    assert (run / ".notes.tmp").exists()
+
+
+def test_failed_download_leaves_no_litter(tmp_path, monkeypatch):
+    info = data.IdxFile("t10k-images-idx3-ubyte", "0" * 64, "")
+    ds = data.Dataset(mirrors=((tmp_path / "nowhere").as_uri() + "/",),
+                      files={"test-images": info}, classes=())
+    monkeypatch.setitem(data.DATASETS, "toy", ds)
+    with pytest.raises(data.DgmError):
+        data.download("toy", "test-images", dest_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(data.DgmError):
+        data.download("toy", "test-images", dest_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_refused_start_leaves_no_folder(fake_data_dir, tmp_path, capsys, monkeypatch):
+    from dgm.errors import DgmError
+
+    def refuse(run):
+        raise DgmError("tensorboard refused")
+
+    monkeypatch.setattr("dgm.train._tensorboard", refuse)
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r", "--tensorboard"), "refused")
+    assert not (tmp_path / "r").exists()
+
+
+# Comparisons, overlapping splits, evaluations.
+
+def test_report_comparison_keeps_runs_of_the_same_name(fake_data_dir, tmp_path, capsys):
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert main(vae(fake_data_dir, a, "--epochs", "1")) == 0
+    assert main(vae(fake_data_dir, b, "--epochs", "1", "--seed", "1")) == 0
+    out = tmp_path / "cmp.html"
+    (tmp_path / "cmp.curves.png").write_text("the user's")
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "a/run" in page and "b/run" in page
+    assert (tmp_path / "cmp.curves.png").read_text() == "the user's"
+    one_line_error(capsys, 1, ["report", str(a), str(a), "--out", str(out)], "named twice")
+
+
+def test_overlapping_splits_are_named(fake_data_dir, tmp_path, capsys):
+    argv = ["train", "vae", "--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+            "--train-split", "train[:128]", "--val-split", "train[96:160]", "--test-split",
+            "test", "--epochs", "1", "--batch-size", "32", "--hidden-dim", "16", "--quiet",
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "split 'train[:128]' and the validation split 'train[96:160]' share 32 images" in err
+    assert "test split" not in err
+    assert main(["evaluate", str(tmp_path / "r"), "--split", "train[120:130]", "--iw-samples",
+                 "2", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "8 of these 10 images are in the training split" in json.loads(out.out)["warning"]
+    assert "not a test result" in out.err
+
+
+def test_evaluations_are_valid_json_and_kept_apart(run, capsys):
+    for argv in (["--split", "test[64:65]", "--iw-samples", "1"], ["--iw-samples", "5"],
+                 ["--iw-samples", "7"]):
+        assert main(["evaluate", str(run), "--json", *argv]) == 0
+        json.loads(capsys.readouterr().out)  # no NaN, which JSON cannot hold
+    saved = json.loads((run / "evaluation.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in evaluation.json"))
+    assert list(saved) == ["test[64:65] (best, k=1)", "test[64:] (best, k=5)",
+                           "test[64:] (best, k=7)"]
+    one = saved["test[64:65] (best, k=1)"]
+    assert one["n_images"] == 1 and one["elbo"]["sem_nats"] is None
+    assert one["iwae"]["mc_stderr_nats"] is None
+    assert math.isfinite(one["iwae"]["log_px_nats"])
+
+
+def test_slerp_through_the_origin():
+    for a, b in ((torch.tensor([0.5]), torch.tensor([-0.3])),
+                 (torch.tensor([1.0, 2.0]), torch.tensor([-1.0, -2.0])),
+                 (torch.zeros(3), torch.ones(3))):
+        path = interpolate(a, b, 5, "slerp")
+        assert torch.isfinite(path).all()
+        assert torch.equal(path[0], a) and torch.equal(path[-1], b)
+    path = interpolate(torch.tensor([0.5]), torch.tensor([-0.3]), 5, "slerp")
+    torch.testing.assert_close(path.flatten(), torch.tensor([0.5, 0.3, 0.1, -0.1, -0.3]))

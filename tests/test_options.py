@@ -1,0 +1,173 @@
+"""Every option value that --help offers, run end to end through the command line.
+
+The lists below are checked against the parser itself, so an option added without a run
+here fails ``test_every_offered_value_is_covered``.
+"""
+
+import argparse
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from dgm.cli import build_parser, main
+from dgm.config import CONFIGS, field_type
+
+TINY = {
+    "vae": ["--hidden-dim", "16", "--latent-dim", "2"],
+    "gan": ["--latent-dim", "8"],
+    "flow": ["--hidden-dim", "8", "--num-couplings", "1", "--num-scales", "1"],
+}
+# Values that need what this machine may lack: the one-line error that names the fix.
+NEEDS = {
+    ("device", "cuda"): (torch.cuda.is_available(), "no CUDA GPU"),
+    ("precision", "bf16"): (torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+                            "needs a GPU"),
+}
+try:
+    import torch.utils.tensorboard  # noqa: F401
+    HAVE_TENSORBOARD = True
+except ImportError:
+    HAVE_TENSORBOARD = False
+NEEDS[("tensorboard", True)] = (HAVE_TENSORBOARD, "pip install tensorboard")
+# Choice-valued options of the other commands, as (command, option) -> values run below.
+COMMAND_CHOICES = {
+    ("evaluate", "--checkpoint"): {"best", "last"},
+    ("evaluate", "--device"): {"auto", "cpu", "cuda"},
+    ("sample", "--checkpoint"): {"best", "last"},
+    ("sample", "--device"): {"auto", "cpu", "cuda"},
+    ("manifold", "--checkpoint"): {"best", "last"},
+    ("manifold", "--device"): {"auto", "cpu", "cuda"},
+    ("interpolate", "--checkpoint"): {"best", "last"},
+    ("interpolate", "--device"): {"auto", "cpu", "cuda"},
+    ("interpolate", "--method"): {"cdf", "slerp"},
+    ("data", "action"): {"list", "check"},
+}
+
+
+def offered_values(model: str) -> list[tuple[str, object]]:
+    """Every (option, value) of a model's training options that has a fixed set of values."""
+    out = []
+    for f in dataclasses.fields(CONFIGS[model]):
+        base, _ = field_type(f)
+        if "choices" in f.metadata:
+            out += [(f.name, v) for v in f.metadata["choices"]]
+        elif base is bool:
+            out += [(f.name, True), (f.name, False)]
+    return out
+
+
+def flag(name: str, value) -> list[str]:
+    opt = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [opt if value else "--no-" + name.replace("_", "-")]
+    return [opt, str(value)]
+
+
+@pytest.fixture
+def both_data_dir(fake_data_dir):
+    shutil.copytree(fake_data_dir / "mnist", fake_data_dir / "fashion-mnist")
+    return fake_data_dir
+
+
+def train_argv(model, data_dir, out, *extra):
+    return ["train", model, "--dataset", "mnist", "--data-dir", str(data_dir), "--offline",
+            "--train-split", "train[:96]", "--val-split", "test[:32]", "--test-split",
+            "test[32:64]", "--batch-size", "32", "--epochs", "1", "--sample-epochs", "0",
+            "--quiet", "--out", str(out), *TINY[model], *extra]
+
+
+def assert_ok(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, (argv, err)
+
+
+def assert_one_line(capsys, argv, match):
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in err and match in errors[0], (argv, err)
+
+
+def assert_png(path):
+    with Image.open(path) as im:
+        im.verify()
+
+
+def test_every_offered_value_is_covered():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found = {}
+    for command, p in sub.choices.items():
+        if command == "train":
+            continue  # its options are the config fields, covered by offered_values
+        for action in p._actions:
+            if action.choices:
+                name = action.option_strings[0] if action.option_strings else action.dest
+                found[(command, name)] = set(action.choices)
+    assert found == COMMAND_CHOICES
+
+
+@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
+    defaults = CONFIGS[model]()
+    for name, value in offered_values(model):
+        if getattr(defaults, name) == value and name != "offline":
+            continue  # the default is what every other run here uses
+        out = tmp_path / f"{name}-{value}"
+        argv = train_argv(model, both_data_dir, out, *flag(name, value))
+        possible, fix = NEEDS.get((name, value), (True, ""))
+        if not possible:
+            assert_one_line(capsys, argv, fix)
+            assert not out.exists()
+            continue
+        assert_ok(capsys, argv)
+        assert_png(out / "samples" / "epoch_001.png")
+        assert_ok(capsys, ["report", str(out)])
+
+
+@pytest.mark.parametrize("model,extra", [("vae", []), ("gan", []), ("flow", []),
+                                         ("flow", ["--arch", "mlp", "--hidden-dim", "32"])])
+def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert_ok(capsys, train_argv(model, fake_data_dir, run, *extra))
+    pictures = []
+    for checkpoint in ("best", "last"):
+        common = ["--checkpoint", checkpoint, "--device", "cpu"]
+        for method in ("cdf", "slerp"):
+            pictures.append(tmp_path / f"i-{checkpoint}-{method}.png")
+            assert_ok(capsys, ["interpolate", str(run), "--method", method, "--rows", "2",
+                               "--steps", "3", "--out", str(pictures[-1]), *common])
+        pictures.append(tmp_path / f"s-{checkpoint}.png")
+        assert_ok(capsys, ["sample", str(run), "-n", "4", "--out", str(pictures[-1]), *common])
+        if model == "vae":
+            pictures.append(tmp_path / f"m-{checkpoint}.png")
+            assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
+                               str(pictures[-1]), *common])
+        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json", *common])
+    assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--sample-quality",
+                       "--device", "auto"])
+    for command in ("sample", "interpolate", "manifold", "evaluate"):
+        if command == "manifold" and model != "vae":
+            continue
+        argv = [command, str(run), "--device", "cuda"]
+        argv += ["--out", str(tmp_path / "x.png")] if command != "evaluate" else []
+        if not torch.cuda.is_available():
+            assert_one_line(capsys, argv, "no CUDA GPU")
+    for p in pictures:
+        assert_png(p)
+    assert_ok(capsys, ["report", str(run)])
+    assert "<img" in (run / "report.html").read_text()
+
+
+def test_data_list_and_check(fake_data_dir, real_data_dir, capsys):
+    assert main(["data", "list", "--data-dir", str(fake_data_dir)]) == 0
+    assert "train-images" in capsys.readouterr().out
+    assert main(["data", "check", "--data-dir", str(real_data_dir)]) == 0
+    assert "ok (10000, 28, 28)" in capsys.readouterr().out
+    # Files that are not the published ones fail their checksum, in one line.
+    assert_one_line(capsys, ["data", "check", "--data-dir", str(fake_data_dir)],
+                    "failed the check")
