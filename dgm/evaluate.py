@@ -10,11 +10,11 @@ import torch
 from tqdm import tqdm
 
 from dgm.data import load_split
-from dgm.distributed import Context, setup
+from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
+from dgm.models import build_model
 from dgm.runs import atomic_write, load_checkpoint, load_config, load_weights
-from dgm.train import build_model, resolve_device
 
 __all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
 
