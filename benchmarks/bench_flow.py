@@ -11,7 +11,7 @@ import torch
 
 from dgm.config import FlowConfig
 from dgm.data import load_split
-from dgm.flow import RealNVP
+from dgm.models.flow import RealNVP
 
 
 def budget_run(cfg: FlowConfig, budget_s: float) -> tuple[int, int, float, float]:

@@ -30,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dgm.config import CONFIGS
 from dgm.data import load_split
 from dgm.maths import dequantize
-from dgm.train import _train_epoch, build_model
+from dgm.models import build_model
+from dgm.train import _train_epoch
 
 IMAGES = {"vae": 25600, "gan": 12800, "flow": 1024}  # about 10 s of dgm time each, on 2 cores
 

@@ -21,7 +21,16 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dgm.errors import DgmError
 
-__all__ = ["Context", "setup"]
+__all__ = ["Context", "resolve_device", "setup"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device that ``--device`` names: "auto" (a GPU where one is visible), "cpu", "cuda"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DgmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
 
 
 class Context:

@@ -9,9 +9,10 @@ import torch
 from tqdm import tqdm
 
 from dgm.data import load_split, split_overlap
-from dgm.distributed import Context, setup
+from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
 from dgm.maths import bits_per_dim
+from dgm.models import build_model
 from dgm.runs import (
     json_safe,
     load_checkpoint,
@@ -20,7 +21,6 @@ from dgm.runs import (
     read_evaluations,
     save_evaluation,
 )
-from dgm.train import build_model, resolve_device
 
 __all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
 

@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 from dgm.config import TrainConfig
 from dgm.data import load_split, split_overlap
-from dgm.distributed import Context, setup
+from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
-from dgm.flow import RealNVP
-from dgm.gan import GAN
+from dgm.models import MODELS, build_model
 from dgm.plots import plot_curves, save_grid
 from dgm.report import write_report
 from dgm.runs import (
@@ -34,26 +33,8 @@ from dgm.runs import (
     write_metrics,
 )
 from dgm.threads import ThreadPolicy
-from dgm.vae import VAE
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
-
-MODELS: dict[str, type[torch.nn.Module]] = {"vae": VAE, "gan": GAN, "flow": RealNVP}
-
-
-def build_model(name: str, cfg: TrainConfig) -> torch.nn.Module:
-    if name not in MODELS:
-        raise DgmError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name].from_config(cfg)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DgmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
-
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":

@@ -17,9 +17,9 @@ if zero_noise == "1":
     torch.randn_like = torch.zeros_like
     # Adam's update hardly depends on the gradient's scale; SGD's does, so a wrongly scaled
     # average of the ranks' gradients shows.
-    import dgm.vae
+    import dgm.models.vae
 
-    dgm.vae.adam = lambda params, lr, betas=None: torch.optim.SGD(params, lr=lr)
+    dgm.models.vae.adam = lambda params, lr, betas=None: torch.optim.SGD(params, lr=lr)
 cfg = from_dict(model_name, json.loads(options))
 model, _ = train(model_name, cfg, Path(run), quiet=True)
 rank = int(os.environ.get("RANK", "0"))

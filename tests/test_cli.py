@@ -160,7 +160,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(fake_data_dir, tmp_path, cap
     run = tmp_path / "run"
     assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    from dgm.vae import VAE
+    from dgm.models.vae import VAE
 
     def nan_step(self, x, optimizers):
         return {"train_elbo": torch.tensor(float("nan"))}

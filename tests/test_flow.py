@@ -11,17 +11,16 @@ import torch
 from dgm import RealNVP
 from dgm.cli import main
 from dgm.data import load_split
-from dgm.flow import (
+from dgm.maths import LOG_2PI, logit_transform
+from dgm.models.flow import build_conv_flow, build_mlp_flow
+from dgm.models.transforms import (
     ActNorm,
     AffineCoupling,
     MultiscaleTransform,
     Squeeze,
     Transform,
-    build_conv_flow,
-    build_mlp_flow,
     checkerboard_mask,
 )
-from dgm.maths import LOG_2PI, logit_transform
 
 DTYPES = [torch.float64, torch.float32]
 

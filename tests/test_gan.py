@@ -9,8 +9,8 @@ from dgm import GAN
 from dgm.cli import main
 from dgm.config import GANConfig
 from dgm.data import load_split
-from dgm.gan import generator_loss
 from dgm.interpolation import interpolate, interpolation_rows
+from dgm.models.gan import generator_loss
 from dgm.quality import ClassifierRecipe, extract_features, frechet_distance, train_classifier
 
 

@@ -180,7 +180,7 @@ def test_advice_after_an_interrupt_in_the_first_epoch_works(fake_data_dir, tmp_p
 
 
 def test_advice_after_a_non_finite_loss_works(fake_data_dir, tmp_path, capsys, monkeypatch):
-    from dgm.vae import VAE
+    from dgm.models.vae import VAE
 
     real = VAE.training_step
     monkeypatch.setattr(VAE, "training_step",
