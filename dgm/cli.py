@@ -14,7 +14,7 @@ from dgm.errors import DgmError
 
 # Options of a run that may change when it is resumed; the rest define the run.
 RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs",
-             "tensorboard", "threads"}
+             "tensorboard", "threads", "patience"}
 
 
 class Parser(argparse.ArgumentParser):

@@ -42,6 +42,11 @@ class TrainConfig:
     epochs: int = opt(40, "number of epochs", min=0)
     batch_size: int = opt(128, "images per optimisation step", min=1, max=1 << 16)
     lr: float = opt(1e-3, "Adam learning rate", min=0.0)
+    lr_schedule: str = opt("constant", "learning rate over the epochs: constant, or cosine "
+                                       "decay towards 0 (Loshchilov & Hutter, 2017)",
+                           choices=("constant", "cosine"))
+    patience: int = opt(0, "stop when the validation metric has not improved for this many "
+                           "epochs (0 = train every epoch)", min=0)
     seed: int = opt(0, "random seed for weights, batches and noise", min=0, max=MAX_SEED)
     sample_epochs: list[int] = opt([0, 10, 20, 30, 40],
                                    "epochs at which to save a sample grid (0 = before training)")
@@ -60,6 +65,15 @@ class VAEConfig(TrainConfig):
                           max=MAX_WIDTH)
     hidden_dim: int = opt(500, "width of the encoder's and decoder's hidden layer", min=1,
                           max=MAX_WIDTH)
+    hidden_layers: int = opt(1, "hidden layers of the encoder and of the decoder", min=1, max=8)
+    prior: str = opt("gaussian", "p(z): N(0, I) (gaussian) or the VampPrior, a mixture of the "
+                                 "posteriors of learned pseudo-inputs (vamp)",
+                     choices=("gaussian", "vamp"))
+    num_pseudo_inputs: int = opt(500, "pseudo-inputs of the VampPrior", min=1, max=MAX_WIDTH)
+    iwae_k: int = opt(1, "samples of the training objective: 1 = the ELBO, k > 1 = the IWAE "
+                         "bound (Burda et al., 2016)", min=1, max=1000)
+    kl_warmup_steps: int = opt(0, "steps over which the KL weight rises from 0 to 1 (0 = off)",
+                               min=0)
     manifold_epochs: list[int] = opt([0, 20, 40], "epochs at which to draw the manifold "
                                                   "(latent_dim 2 only)")
     manifold_size: int = opt(20, "rows and columns of the manifold picture", min=2, max=100)

@@ -15,6 +15,7 @@ __all__ = [
     "LOG_2PI",
     "bernoulli_log_prob",
     "bits_per_dim",
+    "diag_normal_log_prob",
     "dequantize",
     "dequantize_logdet",
     "kl_std_normal",
@@ -43,6 +44,13 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log Bern(x | sigmoid(logits)) summed over all but the first dimension. (B, ...) -> (B,)."""
     nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     return -nll.flatten(1).sum(1)
+
+
+def diag_normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+                         ) -> torch.Tensor:
+    """log N(z | mu, diag(exp(logvar))) summed over the last dimension; shapes broadcast,
+    (..., D) -> (...)."""
+    return -0.5 * ((z - mu).square() * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
 def std_normal_log_prob(z: torch.Tensor) -> torch.Tensor:

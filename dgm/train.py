@@ -181,8 +181,10 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
                 child.compile()
         if epoch == 0 and ctx.is_main:
             _pictures(model, cfg, run, 0)
-        while epoch < cfg.epochs:
+        stop = _patience_spent(history, model.best_metric, cfg.patience)
+        while epoch < cfg.epochs and not stop:
             t0 = time.perf_counter()
+            _set_learning_rate(optimizers, cfg, epoch)
             stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
                                        epoch + 1, step, quiet, ctx, threads)
             ctx.broadcast_module(model)  # BatchNorm statistics are per rank; keep rank 0's
@@ -191,6 +193,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             row = {"epoch": epoch, "step": step, **stats, **val,
                    "time_s": round(time.perf_counter() - t0, 3)}
             history.append(row)
+            stop = _patience_spent(history, model.best_metric, cfg.patience)
             samples = None
             if ctx.is_main:
                 _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
@@ -198,7 +201,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
                 write_metrics(run, history)
                 plot_curves(history, model.curves, run / "curves.png",
                             title=f"{model_name} on {cfg.dataset}")
-                samples = _pictures(model, cfg, run, epoch)
+                samples = _pictures(model, cfg, run, epoch, final=stop)
             if board:
                 for k, v in row.items():
                     board.add_scalar(k, v, epoch)
@@ -209,6 +212,9 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
                                   if k not in ("epoch", "step"))
                 tqdm.write(f"epoch {epoch}/{cfg.epochs}  {shown}")
+        if stop and epoch < cfg.epochs and not quiet:
+            tqdm.write(f"stopped early: {model.best_metric[0]} has not improved for "
+                       f"{cfg.patience} epochs (--patience)")
     except KeyboardInterrupt:
         saved = f"epoch {epoch} is saved" if epoch else "no epoch had finished"
         raise Interrupted(f"interrupted during epoch {epoch + 1}; {saved}; continue with: "
@@ -312,19 +318,43 @@ def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, de
 
 
 @torch.no_grad()
-def _pictures(model, cfg, run: Path, epoch: int) -> None:
+def _set_learning_rate(optimizers: dict, cfg: TrainConfig, epoch: int) -> None:
+    """The learning-rate schedule, set at the start of each epoch (0-based ``epoch``).
+
+    ``base_lr`` is what a model's own per-step schedule (the flow's warm-up) scales."""
+    if cfg.lr_schedule == "constant":
+        return
+    factor = 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))  # cosine, 1 -> near 0
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["base_lr"] = group["initial_lr"] * factor
+
+
+def _patience_spent(history: list[dict], best_metric: tuple[str, str], patience: int) -> bool:
+    """Whether the last ``patience`` epochs all failed to improve on the best before them."""
+    key, mode = best_metric
+    scores = [r[key] for r in history if r.get(key) is not None]
+    if not patience or len(scores) <= patience:
+        return False
+    before, recent = scores[:-patience], scores[-patience:]
+    return max(recent) <= max(before) if mode == "max" else min(recent) >= min(before)
+
+
+def _pictures(model, cfg, run: Path, epoch: int, final: bool = False) -> None:
     """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold.
 
     Returns the samples drawn, or None.
     """
     model.eval()
     samples = None
-    if epoch in cfg.sample_epochs or epoch == cfg.epochs:
+    final = final or epoch == cfg.epochs
+    if epoch in cfg.sample_epochs or final:
         gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
         samples = model.sample(cfg.num_samples, generator=gen)
         save_grid(samples, run / "samples" / f"epoch_{epoch:03d}.png")
     if getattr(model, "latent_dim", None) == 2 and hasattr(model, "manifold") and (
-            epoch in getattr(cfg, "manifold_epochs", ()) or epoch == cfg.epochs):
+            epoch in getattr(cfg, "manifold_epochs", ()) or final):
         n = cfg.manifold_size
         save_grid(model.manifold(n), run / "manifold" / f"epoch_{epoch:03d}.png", nrow=n, scale=1)
     return samples
