@@ -7,6 +7,7 @@ the allowed range, checked by :func:`validate`.
 """
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ __all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "fr
 
 
 def opt(default, help: str, **limits):
-    """A config field with help text and limits (min, max, choices)."""
+    """A config field with help text and limits (min, max, choices, check: value -> bool)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
@@ -25,9 +26,12 @@ def opt(default, help: str, **limits):
 
 @dataclass
 class TrainConfig:
-    dataset: str = opt("mnist", "data set", choices=("mnist", "fashion-mnist"))
-    data_dir: str | None = opt(None, "folder holding <dataset>/ IDX files (else DGM_DATA_DIR, "
-                                     "the cache, /usr/share/datasets, download)")
+    dataset: str = opt("mnist", "mnist, fashion-mnist, or a path to your own images: a folder "
+                                "of IDX files, an .npz file or a folder of PNGs",
+                       check=lambda v: v in ("mnist", "fashion-mnist") or _is_path(v))
+    data_dir: str | None = opt(None, "folder holding <dataset>/ IDX files of the built-in data "
+                                     "sets (else DGM_DATA_DIR, the cache, /usr/share/datasets, "
+                                     "download)")
     offline: bool = opt(False, "never download data")
     train_split: str = opt("train[:90%]", "training split, e.g. 'train', 'test[:9000]'")
     val_split: str = opt("train[90%:]", "validation split, e.g. 'test[9000:]'")
@@ -94,6 +98,12 @@ class FlowConfig(TrainConfig):
 CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig}
 
 
+def _is_path(value: str) -> bool:
+    # Only the form is checked here: a run must still load (for samples, the report) when its
+    # data has moved. The data layer says what is wrong with a path when it reads it.
+    return os.sep in value or value.endswith(".npz") or os.path.exists(value)
+
+
 def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, whether None is allowed) of a config field."""
     t = f.type
@@ -122,6 +132,8 @@ def _check(name: str, value, f: dataclasses.Field):
     m = f.metadata
     if "choices" in m and value not in m["choices"]:
         raise DgmError(f"option {name} must be one of {', '.join(m['choices'])}, got {value!r}")
+    if "check" in m and not m["check"](value):
+        raise DgmError(f"option {name} must be {m['help']}, got {value!r}")
     if "min" in m and value < m["min"]:
         raise DgmError(f"option {name} must be >= {m['min']}, got {value!r}")
     if "max" in m and value > m["max"]:

@@ -51,7 +51,9 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
 
 
 def default_run_dir(model: str, dataset: str) -> Path:
-    return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<model>-<data>-<time>``; a data set given as a path is named by its last part."""
+    name = Path(dataset).stem or "data"
+    return Path("runs") / f"{model}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def save_config(run: Path, model: str, cfg: TrainConfig) -> None:

@@ -17,8 +17,9 @@ __all__ = ["GAN", "MODELS", "VAE", "RealNVP", "build_model"]
 MODELS: dict[str, type[nn.Module]] = {"vae": VAE, "gan": GAN, "flow": RealNVP}
 
 
-def build_model(name: str, cfg) -> nn.Module:
-    """A fresh model named ``name`` ("vae", "gan", "flow") from a :class:`TrainConfig`."""
+def build_model(name: str, cfg, image_shape: tuple[int, int, int] = (1, 28, 28)) -> nn.Module:
+    """A fresh model named ``name`` ("vae", "gan", "flow") for images of ``image_shape``
+    (C, H, W), from a :class:`dgm.config.TrainConfig`."""
     if name not in MODELS:
         raise DgmError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name].from_config(cfg)
+    return MODELS[name].from_config(cfg, tuple(image_shape))

@@ -2,6 +2,7 @@
 
 Encoder MLP 784 -> hidden (ReLU) -> (mu, log sigma^2) of a diagonal Gaussian
 q(z|x); decoder MLP z -> hidden (ReLU) -> 784 Bernoulli logits; prior N(0, I).
+Other image shapes (C, H, W) take and give C*H*W in place of 784.
 """
 
 import math
@@ -49,8 +50,8 @@ class VAE(nn.Module):
             nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, data_dim))
 
     @classmethod
-    def from_config(cls, cfg) -> "VAE":
-        return cls(cfg.latent_dim, cfg.hidden_dim)
+    def from_config(cls, cfg, image_shape: tuple[int, int, int] = (1, 28, 28)) -> "VAE":
+        return cls(cfg.latent_dim, cfg.hidden_dim, image_shape)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters of q(z|x): (B, C, H, W) -> mu (B, D), logvar (B, D)."""
