@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from dgm.errors import DgmError
 
-__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "from_dict"]
+__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "config_class",
+           "from_dict"]
 
 
 def opt(default, help: str, **limits):
@@ -133,7 +134,7 @@ def _check(name: str, value, f: dataclasses.Field):
     if "choices" in m and value not in m["choices"]:
         raise DgmError(f"option {name} must be one of {', '.join(m['choices'])}, got {value!r}")
     if "check" in m and not m["check"](value):
-        raise DgmError(f"option {name} must be {m['help']}, got {value!r}")
+        raise DgmError(f"option {name} must be {m.get('help', 'valid')}, got {value!r}")
     if "min" in m and value < m["min"]:
         raise DgmError(f"option {name} must be >= {m['min']}, got {value!r}")
     if "max" in m and value > m["max"]:
@@ -141,11 +142,23 @@ def _check(name: str, value, f: dataclasses.Field):
     return value
 
 
+def config_class(model: str) -> type[TrainConfig]:
+    """The config dataclass of a built-in model, or of your own model named by import path:
+    its ``Config`` attribute (a dataclass subclassing TrainConfig), else TrainConfig."""
+    if model in CONFIGS:
+        return CONFIGS[model]
+    from dgm.models import model_class  # only now: it imports torch and the user's module
+
+    cls = getattr(model_class(model), "Config", TrainConfig)
+    if not (isinstance(cls, type) and issubclass(cls, TrainConfig)
+            and dataclasses.is_dataclass(cls)):
+        raise DgmError(f"{model}.Config must be a dataclass subclassing dgm.config.TrainConfig")
+    return cls
+
+
 def from_dict(model: str, values: dict, source: str = "config") -> TrainConfig:
     """Build and validate a model's config from plain values (YAML or flags)."""
-    if model not in CONFIGS:
-        raise DgmError(f"unknown model {model!r}; choose one of: {', '.join(CONFIGS)}")
-    cls = CONFIGS[model]
+    cls = config_class(model)
     if not isinstance(values, dict):
         raise DgmError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}

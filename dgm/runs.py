@@ -51,8 +51,10 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
 
 
 def default_run_dir(model: str, dataset: str) -> Path:
-    """``runs/<model>-<data>-<time>``; a data set given as a path is named by its last part."""
+    """``runs/<model>-<data>-<time>``; a data set given as a path is named by its last part,
+    a model given as an import path by its class."""
     name = Path(dataset).stem or "data"
+    model = model.rpartition(":")[2]
     return Path("runs") / f"{model}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
