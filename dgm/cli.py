@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from dgm.config import CONFIGS, MAX_SEED, field_type, from_dict, validate
+from dgm.config import CONFIGS, MAX_SEED, config_class, field_type, from_dict, validate
 from dgm.errors import DgmError
 
 # Options of a run that may change when it is resumed; the rest define the run.
@@ -52,7 +52,7 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         base, _ = field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse
         kw = {"default": argparse.SUPPRESS, "help": text}
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -63,13 +63,18 @@ def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
                            choices=f.metadata.get("choices"), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``own_model`` (an import path) adds ``train <own_model>`` with its flags."""
     parser = Parser(prog="dgm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train a model into a run folder")
+    p.add_argument("--model", metavar="MODULE:CLASS", dest="model_path",
+                   help="train your own model class, named by import path, in place of "
+                        "vae/gan/flow (then: dgm train --model MODULE:CLASS --help)")
     models = p.add_subparsers(dest="model", required=True, parser_class=Parser)
-    for name, cls in CONFIGS.items():
+    own = {own_model: config_class(own_model)} if own_model not in (None, *CONFIGS) else {}
+    for name, cls in (CONFIGS | own).items():
         m = models.add_parser(name, help=f"train a {name}")
         m.add_argument("--config", metavar="FILE.yaml", type=_path,
                        help="options from a YAML file; flags win over it")
@@ -149,7 +154,7 @@ def cmd_train(args) -> int:
     from dgm.runs import default_run_dir, load_config, read_yaml
     from dgm.train import train
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(CONFIGS[args.model])
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class(args.model))
              if hasattr(args, f.name)}
     if args.resume is not None:
         if args.out and Path(args.out) != Path(args.resume):
@@ -305,8 +310,27 @@ def _png(path: str) -> Path:
     return Path(path)
 
 
+def _own_model(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``train --model PATH ...`` -> (PATH, ``train PATH ...``); ``train PATH ...`` with a
+    ":" in PATH -> (PATH, argv); otherwise (None, argv)."""
+    if argv[:1] != ["train"] or len(argv) < 2:
+        return None, argv
+    for i, a in enumerate(argv[1:], 1):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1], ["train", argv[i + 1], *argv[1:i], *argv[i + 2:]]
+        if a.startswith("--model="):
+            return a.partition("=")[2], ["train", a.partition("=")[2], *argv[1:i], *argv[i + 1:]]
+    return (argv[1], argv) if ":" in argv[1] else (None, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        own, argv = _own_model(argv)
+        args = build_parser(own).parse_args(argv)
+    except DgmError as e:  # your own model could not be imported
+        print(f"dgm: error: {e}", file=sys.stderr)
+        return e.exit_code
     try:
         return args.func(args)
     except DgmError as e:

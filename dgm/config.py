@@ -8,17 +8,19 @@ the allowed range, checked by :func:`validate`.
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 from dgm.errors import DgmError
 
-__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "from_dict"]
+__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "config_class",
+           "from_dict"]
 
 
 def opt(default, help: str, **limits):
-    """A config field with help text and limits (min, max, below, choices)."""
+    """A config field with help text and limits (min, max, below, choices, check: a test)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
@@ -32,9 +34,12 @@ MAX_WIDTH = 1 << 14
 
 @dataclass
 class TrainConfig:
-    dataset: str = opt("mnist", "data set", choices=("mnist", "fashion-mnist"))
-    data_dir: str | None = opt(None, "folder holding <dataset>/ IDX files (else DGM_DATA_DIR, "
-                                     "the cache, /usr/share/datasets, download)")
+    dataset: str = opt("mnist", "mnist, fashion-mnist, or a path to your own images: a folder "
+                                "of IDX files, an .npz file or a folder of PNGs",
+                       check=lambda v: v in ("mnist", "fashion-mnist") or _is_path(v))
+    data_dir: str | None = opt(None, "folder holding <dataset>/ IDX files of the built-in data "
+                                     "sets (else DGM_DATA_DIR, the cache, /usr/share/datasets, "
+                                     "download)")
     offline: bool = opt(False, "never download data")
     train_split: str = opt("train[:90%]", "training split, e.g. 'train', 'test[:9000]'")
     val_split: str = opt("train[90%:]", "validation split, e.g. 'test[9000:]'")
@@ -122,6 +127,12 @@ class FlowConfig(TrainConfig):
 CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig}
 
 
+def _is_path(value: str) -> bool:
+    # Only the form is checked here: a run must still load (for samples, the report) when its
+    # data has moved. The data layer says what is wrong with a path when it reads it.
+    return os.sep in value or value.endswith(".npz") or os.path.exists(value)
+
+
 def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     """(base type, whether None is allowed) of a config field."""
     t = f.type
@@ -153,6 +164,8 @@ def _check(name: str, value, f: dataclasses.Field):
     m = f.metadata
     if "choices" in m and value not in m["choices"]:
         raise DgmError(f"option {name} must be one of {', '.join(m['choices'])}, got {value!r}")
+    if "check" in m and not m["check"](value):
+        raise DgmError(f"option {name} must be {m.get('help', 'valid')}, got {value!r}")
     if "min" in m and value < m["min"]:
         raise DgmError(f"option {name} must be >= {m['min']}, got {value!r}")
     if "max" in m and value > m["max"]:
@@ -162,11 +175,23 @@ def _check(name: str, value, f: dataclasses.Field):
     return value
 
 
+def config_class(model: str) -> type[TrainConfig]:
+    """The config dataclass of a built-in model, or of your own model named by import path:
+    its ``Config`` attribute (a dataclass subclassing TrainConfig), else TrainConfig."""
+    if model in CONFIGS:
+        return CONFIGS[model]
+    from dgm.models import model_class  # only now: it imports torch and the user's module
+
+    cls = getattr(model_class(model), "Config", TrainConfig)
+    if not (isinstance(cls, type) and issubclass(cls, TrainConfig)
+            and dataclasses.is_dataclass(cls)):
+        raise DgmError(f"{model}.Config must be a dataclass subclassing dgm.config.TrainConfig")
+    return cls
+
+
 def from_dict(model: str, values: dict, source: str = "config") -> TrainConfig:
     """Build and validate a model's config from plain values (YAML or flags)."""
-    if model not in CONFIGS:
-        raise DgmError(f"unknown model {model!r}; choose one of: {', '.join(CONFIGS)}")
-    cls = CONFIGS[model]
+    cls = config_class(model)
     if not isinstance(values, dict):
         raise DgmError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}

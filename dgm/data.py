@@ -1,10 +1,11 @@
 """The data layer: find, verify, read and slice the IDX image data sets.
 
-A split is held whole as one uint8 tensor of shape (N, 1, H, W); training
+A split is held whole as one uint8 tensor of shape (N, C, H, W); training
 takes batches from it by index on the model's device, so no per-batch Python
 decoding happens. Where a data set is looked for, in order: the directory the
 user names (``--data-dir`` or ``DGM_DATA_DIR``), the user's cache, Debian's
 ``/usr/share/datasets/<name>/``, then a checksummed download into the cache.
+A data set that is not a built-in one is a path to your own images (:mod:`dgm.own_data`).
 """
 
 import gzip
@@ -263,8 +264,15 @@ def verify(path: str | Path, info: IdxFile) -> str | None:
 
 def load_split(dataset: str, split: str = "train", data_dir: str | Path | None = None,
                offline: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a (sliced) split as ``(images, labels)``: uint8 (N, 1, H, W) and int64 (N,)."""
-    _dataset(dataset)
+    """Load a (sliced) split as ``(images, labels)``: uint8 (N, C, H, W) and int64 (N,).
+
+    ``dataset`` is a built-in name or a path to your own images (see :mod:`dgm.own_data`,
+    whose labels are -1 where the source has none).
+    """
+    if dataset not in DATASETS:
+        from dgm.own_data import load_own  # it reads IDX files with this module's reader
+
+        return load_own(dataset, split)
     base, start, stop = parse_split(split)
     images = read_idx(find_file(dataset, f"{base}-images", data_dir, offline))
     labels = read_idx(find_file(dataset, f"{base}-labels", data_dir, offline))
@@ -286,12 +294,15 @@ def load_split(dataset: str, split: str = "train", data_dir: str | Path | None =
 def split_overlap(dataset: str, a: str, b: str, data_dir: str | Path | None = None,
                   offline: bool = False) -> int:
     """How many images the splits ``a`` and ``b`` of ``dataset`` share (e.g. 'test[:9000]'
-    and 'test[8000:]' share 1000)."""
+    and 'test[8000:]' share 1000). In a PNG folder 'train' and 'test' are the same images."""
     base_a, *bounds_a = parse_split(a)
     base_b, *bounds_b = parse_split(b)
     if base_a != base_b:
-        return 0
-    n = len(read_idx(find_file(dataset, f"{base_a}-images", data_dir, offline)))
+        from dgm.own_data import source_kind
+
+        if dataset in DATASETS or source_kind(dataset) != "png":
+            return 0
+    n = len(load_split(dataset, base_a, data_dir, offline)[0])
     ra, rb = range(n)[_slice(n, *bounds_a)], range(n)[_slice(n, *bounds_b)]
     return max(0, min(ra.stop, rb.stop) - max(ra.start, rb.start)) if ra and rb else 0
 

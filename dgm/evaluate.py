@@ -37,7 +37,8 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
         path = run / "checkpoints" / "last.pt"
     dev = resolve_device(device)
     ckpt = load_checkpoint(path, name, map_location=dev)
-    model = build_model(name, cfg)
+    # Checkpoints from before own data sets hold no image shape: theirs was MNIST's.
+    model = build_model(name, cfg, ckpt.get("image_shape", (1, 28, 28)))
     load_weights(model, ckpt, path)
     return name, cfg, model.to(dev).eval(), ckpt
 
@@ -77,6 +78,13 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     t0 = time.perf_counter()
     results = {"model": name, "dataset": cfg.dataset, "split": split, "n_images": len(x),
                "checkpoint": checkpoint, "epoch": ckpt["epoch"]}
+    shape = tuple(ckpt.get("image_shape", (1, 28, 28)))
+    if tuple(x.shape[1:]) != shape:
+        raise DgmError(f"split {split!r} of {cfg.dataset} has images of shape "
+                       f"{tuple(x.shape[1:])}, but the run's model takes {shape}")
+    if sample_quality and (y < 0).any():
+        raise DgmError(f"--sample-quality needs class labels (its feature classifier learns "
+                       f"them) and split {split!r} of {cfg.dataset} has none")
     shared = split_overlap(cfg.dataset, split, cfg.train_split, data_dir, offline)
     if shared:
         results["warning"] = (f"{shared} of these {len(x)} images are in the training split "
@@ -92,7 +100,10 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
         results |= evaluate_flow(model, x.to(dev), batch_size, quiet, ctx)
     if not ctx.is_main:
         return None
-    if name == "gan" or sample_quality:
+    if name == "gan" and (y < 0).any():
+        results["sample_quality"] = "skipped: the data have no class labels, which its feature " \
+                                    "classifier needs"
+    elif name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else ")")
@@ -174,6 +185,9 @@ def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
     dev = x_uint8.device
     train_x, train_y = load_split(cfg.dataset, cfg.train_split, data_dir, offline)
     val_x, _ = load_split(cfg.dataset, cfg.val_split, data_dir, offline)
+    if (train_y < 0).any():
+        raise DgmError(f"sample quality needs class labels (its feature classifier learns them) "
+                       f"and training split {cfg.train_split!r} of {cfg.dataset} has none")
     if not quiet:
         print("dgm: sample quality (the feature classifier is trained once, then cached)",
               file=sys.stderr)

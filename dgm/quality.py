@@ -15,6 +15,7 @@ The Parzen-window log-likelihood (Breuleux et al., 2011; as reported by Goodfell
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,22 +54,24 @@ class ClassifierRecipe:
 
 
 class FeatureNet(nn.Module):
-    """A small CNN classifier: (B, 1, 28, 28) images in [0, 1] -> class logits (B, K).
+    """A small CNN classifier: (B, C, H, W) images in [0, 1] -> class logits (B, K).
 
     ``features`` gives its penultimate activations (B, feature_dim), the space in which
     the Frechet distance is measured.
     """
 
     def __init__(self, num_classes: int = 10, channels: tuple[int, int] = (16, 32),
-                 feature_dim: int = 128, in_channels: int = 1, image_size: int = 28):
+                 feature_dim: int = 128, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         c1, c2 = channels
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # (B, c1, H/2, W/2)
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),  # (B, c2, H/4, W/4)
-            nn.Flatten(), nn.Linear(c2 * (image_size // 4) ** 2, feature_dim), nn.ReLU())
+            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,7 @@ def train_classifier(x: torch.Tensor, labels: torch.Tensor,
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(recipe.seed)
         net = FeatureNet(int(labels.max()) + 1, recipe.channels, recipe.feature_dim,
-                         x.shape[1], x.shape[-1]).to(x.device)
+                         x.shape[1], tuple(x.shape[2:])).to(x.device)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
     net.train()
     n_batches = max(1, len(x) // recipe.batch_size)
@@ -135,9 +138,13 @@ def cached_classifier(dataset: str, x: torch.Tensor, labels: torch.Tensor,
     ``(network in eval mode, cache path, whether it was trained now)``.
     """
     folder = Path(cache_dir) if cache_dir else default_cache_dir() / "classifiers"
-    path = folder / f"{dataset}-{_cache_key(x, labels, recipe)}.pt"
+    # A data set may be a path ("data/faces.npz"): its last part names the file; the hash of
+    # the data keeps two of the same name apart.
+    name = re.sub(r"[^\w.-]", "_", Path(dataset).name) or "data"
+    path = folder / f"{name}-{_cache_key(x, labels, recipe)}.pt"
     num_classes = int(labels.max()) + 1
-    net = FeatureNet(num_classes, recipe.channels, recipe.feature_dim, x.shape[1], x.shape[-1])
+    net = FeatureNet(num_classes, recipe.channels, recipe.feature_dim, x.shape[1],
+                     tuple(x.shape[2:]))
     if path.is_file():
         try:
             payload = torch.load(path, map_location=x.device, weights_only=True)

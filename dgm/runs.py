@@ -78,7 +78,11 @@ def check_run_folder(run: Path) -> None:
 
 
 def default_run_dir(model: str, dataset: str) -> Path:
-    return Path("runs") / f"{model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<model>-<data>-<time>``; a data set given as a path is named by its last part,
+    a model given as an import path by its class."""
+    name = Path(dataset).stem or "data"
+    model = model.rpartition(":")[2]
+    return Path("runs") / f"{model}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def save_config(run: Path, model: str, cfg: TrainConfig) -> None:

@@ -112,10 +112,14 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     if len(train_x) < cfg.batch_size:
         raise DgmError(f"training split {cfg.train_split!r} has {len(train_x)} images, fewer "
                        f"than one batch of {cfg.batch_size}; lower --batch-size")
+    image_shape = tuple(train_x.shape[1:])  # (C, H, W): the data decide it, not the config
+    if tuple(val_x.shape[1:]) != image_shape:
+        raise DgmError(f"validation split {cfg.val_split!r} has images of shape "
+                       f"{tuple(val_x.shape[1:])}, the training split {image_shape}")
     _warn_overlaps(cfg)
     train_x, val_x = train_x.to(device), val_x.to(device)
 
-    model = build_model(model_name, cfg).to(device)
+    model = build_model(model_name, cfg, image_shape).to(device)
     optimizers = model.configure_optimizers(cfg)
     data_gen = torch.Generator(device).manual_seed(cfg.seed)
     history, epoch, step = [], 0, 0
@@ -197,7 +201,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             samples = None
             if ctx.is_main:
                 _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
-                      device, cfg)
+                      device, cfg, tuple(train_x.shape[1:]))
                 write_metrics(run, history)
                 plot_curves(history, model.curves, run / "curves.png",
                             title=f"{model_name} on {cfg.dataset}")
@@ -296,13 +300,15 @@ def _tensorboard(run: Path):
     return SummaryWriter(str(run / "tensorboard"))
 
 
-def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg):
+def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg,
+          image_shape):
     rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     payload = {
         "model": model_name,
         "config": dataclasses.asdict(cfg),
+        "image_shape": list(image_shape),  # so the model is rebuilt without reading the data
         "epoch": epoch,
         "step": step,
         "state_dict": model.state_dict(),

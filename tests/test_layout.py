@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parents[1] / "dgm"
 ALLOWED = {
     "maths": set(),
     "errors": set(),
-    "data": {"errors"},
+    "data": {"errors", "own_data"},
+    "own_data": {"data", "errors"},
     "plots": {"runs", "errors"},
     "optim": set(),
     "evaluate": {"data", "distributed", "errors", "maths", "models", "quality", "runs"},

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from dgm.errors import DgmError
 from dgm.maths import (
     bits_per_dim,
     dequantize,
@@ -143,8 +144,14 @@ class RealNVP(nn.Module):
         self._warmup_steps = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "RealNVP":
-        return cls(cfg.arch, hidden_dim=cfg.hidden_dim, num_blocks=cfg.num_blocks,
+    def from_config(cls, cfg, image_shape: Shape = (1, 28, 28)) -> "RealNVP":
+        _, h, w = image_shape
+        if cfg.arch == "conv" and (h % 2**cfg.num_scales or w % 2**cfg.num_scales):
+            fits = max(k for k in range(cfg.num_scales + 1) if h % 2**k == 0 == w % 2**k)
+            raise DgmError(f"the conv flow's --num-scales {cfg.num_scales} squeezes need image "
+                           f"height and width divisible by {2**cfg.num_scales}, and these images "
+                           f"are {h}x{w}; use --num-scales {fits} or --arch mlp")
+        return cls(cfg.arch, image_shape, hidden_dim=cfg.hidden_dim, num_blocks=cfg.num_blocks,
                    num_couplings=cfg.num_couplings, num_scales=cfg.num_scales,
                    actnorm=cfg.actnorm, alpha=cfg.alpha, scale_clamp=cfg.scale_clamp,
                    temperature=cfg.temperature)

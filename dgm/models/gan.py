@@ -3,7 +3,8 @@
 Generator z (100, N(0, I)) -> 128 -> 256 -> 512 -> 1024 -> 784 (tanh), LeakyReLU(0.2)
 after each hidden layer and BatchNorm on the three widening ones; discriminator
 784 -> 512 -> 256 -> 1 logit with LeakyReLU(0.2) and dropout 0.3. Images live in
-[-1, 1] inside the model and come out of ``generate`` / ``sample`` in [0, 1].
+[-1, 1] inside the model and come out of ``generate`` / ``sample`` in [0, 1]. Other
+image shapes (C, H, W) take and give C*H*W in place of 784.
 """
 
 import math
@@ -105,8 +106,8 @@ class GAN(nn.Module):
         self.discriminator = Discriminator(data_dim)
 
     @classmethod
-    def from_config(cls, cfg) -> "GAN":
-        return cls(cfg.latent_dim)
+    def from_config(cls, cfg, image_shape: tuple[int, int, int] = (1, 28, 28)) -> "GAN":
+        return cls(cfg.latent_dim, image_shape)
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from noise: (B, latent_dim) -> (B, C, H, W). Differentiable."""

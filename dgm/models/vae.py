@@ -5,6 +5,7 @@ q(z|x); decoder MLP z -> hidden (ReLU) -> 784 Bernoulli logits; prior N(0, I).
 Beyond the report, for likelihoods that compare with the literature: deeper MLPs,
 the importance-weighted objective (IWAE, Burda et al., 2016), a learned mixture
 prior (VampPrior, Tomczak & Welling, 2018) and a linear KL warm-up.
+Other image shapes (C, H, W) take and give C*H*W in place of 784.
 """
 
 import math
@@ -85,8 +86,8 @@ class VAE(nn.Module):
             self.curves = {"bound (nats per image)": ["train_iwae", "val_elbo"]}
 
     @classmethod
-    def from_config(cls, cfg) -> "VAE":
-        return cls(cfg.latent_dim, cfg.hidden_dim, hidden_layers=cfg.hidden_layers,
+    def from_config(cls, cfg, image_shape: tuple[int, int, int] = (1, 28, 28)) -> "VAE":
+        return cls(cfg.latent_dim, cfg.hidden_dim, image_shape, hidden_layers=cfg.hidden_layers,
                    prior=cfg.prior, num_pseudo_inputs=cfg.num_pseudo_inputs,
                    iwae_k=cfg.iwae_k, kl_warmup_steps=cfg.kl_warmup_steps)
 
