@@ -267,6 +267,8 @@ class VAE(nn.Module):
             # The curve shows the bound itself (beta = 1), from the same draws.
             bound = torch.logsumexp((rec + log_ratio).detach(), 0) - log_k
             out = {"train_iwae": bound.mean(), "train_kl": -log_ratio.detach().mean()}
+        if self.kl_warmup_steps:
+            out["kl_weight"] = torch.tensor(beta)
         opt.zero_grad(set_to_none=True)
         (-objective.mean()).backward()
         opt.step()
