@@ -1,0 +1,35 @@
+"""The short version of every recipe in recipes/: the same options, on a few hundred images
+for one epoch, through the command line. The full runs and their results are in
+BENCHMARKS.md."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dgm.cli import main
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.stem for p in RECIPES} >= {"vae-fashion-mnist", "vae-mnist"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_short_version(recipe, fake_data_dir, tmp_path, capsys):
+    model = yaml.safe_load(recipe.read_text())["model"]
+    run = tmp_path / "run"
+    short = ["--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+             "--train-split", "train[:192]", "--val-split", "test[:64]", "--test-split",
+             "test[64:]", "--epochs", "1", "--quiet", "--out", str(run)]
+    assert main(["train", model, "--config", str(recipe), *short]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    recipe_values = yaml.safe_load(recipe.read_text())
+    for key, value in recipe_values.items():  # everything but the shortened options holds
+        if key not in ("model", "dataset", "epochs", "train_split", "val_split", "test_split",
+                       "offline"):
+            assert saved[key] == value, key
+    assert main(["evaluate", str(run), "--iw-samples", "5", "--json"]) == 0
+    assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
