@@ -95,6 +95,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--dequant-samples", type=int, default=1, metavar="K",
+                   help="flow: also the importance-weighted bound over K dequantisation draws "
+                        "per image, beside the one-draw bound (default 1: only that)")
     p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                    help="VAE: also the naive prior-sampling estimate of report 1.4, which "
                         "costs as much as the IWAE one (default: on)")
@@ -192,12 +195,14 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from dgm.evaluate import evaluate_run
 
-    if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5):
-        raise DgmError("--iw-samples must lie in 1..1000000 and --batch-size in 1..100000")
+    if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5
+            and 1 <= args.dequant_samples <= 10 ** 4):
+        raise DgmError("--iw-samples must lie in 1..1000000, --dequant-samples in 1..10000 "
+                       "and --batch-size in 1..100000")
     results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
                            args.data_dir, args.offline, args.checkpoint,
                            quiet=args.quiet or args.json, sample_quality=args.sample_quality,
-                           naive=args.naive)
+                           naive=args.naive, dequant_samples=args.dequant_samples)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:

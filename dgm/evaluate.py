@@ -46,7 +46,8 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
 def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 5000,
                  batch_size: int = 100, device: str = "auto", data_dir: str | None = None,
                  offline: bool = False, checkpoint: str = "best", quiet: bool = False,
-                 sample_quality: bool = False, naive: bool = True) -> dict:
+                 sample_quality: bool = False, naive: bool = True,
+                 dequant_samples: int = 1) -> dict:
     """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
 
     Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
@@ -62,13 +63,14 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     ctx, dev = setup(resolve_device(device))
     try:
         return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
-                             checkpoint, quiet or not ctx.is_main, sample_quality, naive, ctx)
+                             checkpoint, quiet or not ctx.is_main, sample_quality, naive,
+                             dequant_samples, ctx)
     finally:
         ctx.close()
 
 
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
-                  quiet, sample_quality, naive, ctx):
+                  quiet, sample_quality, naive, dequant_samples, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
@@ -97,7 +99,7 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     if name == "vae":
         results |= evaluate_vae(model, x.to(dev), iw_samples, batch_size, quiet, ctx, naive)
     elif name == "flow":
-        results |= evaluate_flow(model, x.to(dev), batch_size, quiet, ctx)
+        results |= evaluate_flow(model, x.to(dev), batch_size, quiet, ctx, dequant_samples)
     if not ctx.is_main:
         return None
     if name == "gan" and (y < 0).any():
@@ -106,7 +108,9 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     elif name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else ")")
+    key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else
+                                      f", dequantisation draws={dequant_samples})"
+                                      if name == "flow" and dequant_samples > 1 else ")")
     save_evaluation(run, key, results)
     return json_safe(results)
 
@@ -158,24 +162,41 @@ def evaluate_vae(model, x_uint8: torch.Tensor, k: int, batch_size: int = 100,
 
 @torch.no_grad()
 def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
-                  quiet: bool = False, ctx: Context | None = None) -> dict:
+                  quiet: bool = False, ctx: Context | None = None,
+                  dequant_samples: int = 1) -> dict:
     """Exact test log-likelihood of a flow, in nats per image and bits/dim.
 
     Exact up to the dequantisation: each image gets one uniform noise draw (seed
     ``EVAL_SEED``), so the mean is an unbiased estimate of the variational bound
     E_u[log p((x + u) / 256)] - D log 256 <= log P(x), and ``sem_nats`` is its
     standard error over images. Under ``torchrun`` each rank takes a part of the images.
+
+    With ``dequant_samples`` K > 1, ``log_px_iw`` adds the importance-weighted bound over
+    K draws (the first being the one above), log 1/K sum_k p_256(x + u_k) <= log P(x),
+    which is tighter and rises to log P(x) as K grows, since P(x) = E_u[p_256(x + u)] for
+    uniform u (Ho et al., 2019, Flow++, section 3.1).
     """
     ctx = ctx or Context()
-    x = model.prepare(x_uint8, torch.Generator(x_uint8.device).manual_seed(EVAL_SEED))
-    dims = x[0].numel()
-    part = x[ctx.part(len(x))]
-    batches = range(0, len(part), batch_size)
-    log_px = [model.log_prob(part[start:start + batch_size])
-              for start in tqdm(batches, desc="exact log p(x)", disable=quiet or None)]
-    out = _summary(ctx.gather(torch.cat(log_px)), dims)
-    return {"log_px": {**out, "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
-                       "dequantization": "uniform, one draw per image"}}
+    gen = torch.Generator(x_uint8.device).manual_seed(EVAL_SEED)
+    dims = x_uint8[0].numel()
+    draws = []
+    for k in range(dequant_samples):
+        part = model.prepare(x_uint8, gen)[ctx.part(len(x_uint8))]
+        batches = range(0, len(part), batch_size)
+        desc = "exact log p(x)" + (f", dequantisation {k + 1}/{dequant_samples}"
+                                   if dequant_samples > 1 else "")
+        draws.append(torch.cat([model.log_prob(part[s:s + batch_size])
+                                for s in tqdm(batches, desc=desc, disable=quiet or None)]))
+    out = _summary(ctx.gather(draws[0]), dims)
+    results = {"log_px": {**out, "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
+                          "dequantization": "uniform, one draw per image"}}
+    if dequant_samples > 1:
+        iw = torch.logsumexp(torch.stack(draws).double(), 0) - math.log(dequant_samples)
+        out = _summary(ctx.gather(iw), dims)
+        results["log_px_iw"] = {
+            **out, "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
+            "dequantization": f"uniform, importance-weighted over {dequant_samples} draws"}
+    return results
 
 
 def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,

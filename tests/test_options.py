@@ -148,7 +148,8 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
             assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
                                str(pictures[-1]), *common])
         assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json", *common])
-        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--no-naive", *common])
+        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--no-naive",
+                           "--dequant-samples", "2", *common])
     assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--sample-quality",
                        "--device", "auto"])
     for command in ("sample", "interpolate", "manifold", "evaluate"):
