@@ -129,8 +129,12 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
         assert_ok(capsys, ["report", str(out)])
 
 
-@pytest.mark.parametrize("model,extra", [("vae", []), ("gan", []), ("flow", []),
-                                         ("flow", ["--arch", "mlp", "--hidden-dim", "32"])])
+@pytest.mark.parametrize("model,extra", [
+    ("vae", []), ("gan", []), ("flow", []), ("flow", ["--arch", "mlp", "--hidden-dim", "32"]),
+    # The recipe's options together (and the VampPrior), through every picture and score.
+    ("vae", ["--iwae-k", "3", "--hidden-layers", "2", "--kl-warmup-steps", "2", "--prior",
+             "vamp", "--num-pseudo-inputs", "5", "--lr-schedule", "cosine", "--patience", "1"]),
+])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert_ok(capsys, train_argv(model, fake_data_dir, run, *extra))
