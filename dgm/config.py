@@ -112,6 +112,10 @@ class FlowConfig(TrainConfig):
                                 "this many)", min=1, max=64)
     num_scales: int = opt(2, "squeeze + factor-out steps of the conv arch", min=0, max=2)
     actnorm: bool = opt(True, "ActNorm before every coupling")
+    dequantization: str = opt("uniform", "noise that makes the 8-bit images continuous: "
+                                         "uniform, or a learned q(u|x) (variational; Ho et "
+                                         "al., 2019) whose density the bound counts",
+                              choices=("uniform", "variational"))
     alpha: float = opt(1e-6, "logit pre-processing squeeze: logit(alpha + (1 - 2 alpha) x)",
                        min=0.0, max=0.49)
     scale_clamp: float = opt(2.0, "bound on each coupling's log-scale (soft clamp)", min=0.01)
