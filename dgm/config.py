@@ -50,6 +50,9 @@ class TrainConfig:
     lr_schedule: str = opt("constant", "learning rate over the epochs: constant, or cosine "
                                        "decay towards 0 (Loshchilov & Hutter, 2017)",
                            choices=("constant", "cosine"))
+    ema: float = opt(0.0, "decay of a moving average of the weights that validation, the best "
+                          "checkpoint, pictures and evaluation use (0 = off; e.g. 0.999)",
+                     min=0.0, below=1.0)
     patience: int = opt(0, "stop when the validation metric has not improved for this many "
                            "epochs (0 = train every epoch)", min=0)
     seed: int = opt(0, "random seed for weights, batches and noise", min=0, max=MAX_SEED)
