@@ -50,6 +50,9 @@ class TrainConfig:
     lr_schedule: str = opt("constant", "learning rate over the epochs: constant, or cosine "
                                        "decay towards 0 (Loshchilov & Hutter, 2017)",
                            choices=("constant", "cosine"))
+    ema: float = opt(0.0, "decay of a moving average of the weights that validation, the best "
+                          "checkpoint, pictures and evaluation use (0 = off; e.g. 0.999)",
+                     min=0.0, below=1.0)
     patience: int = opt(0, "stop when the validation metric has not improved for this many "
                            "epochs (0 = train every epoch)", min=0)
     seed: int = opt(0, "random seed for weights, batches and noise", min=0, max=MAX_SEED)
@@ -112,6 +115,10 @@ class FlowConfig(TrainConfig):
                                 "this many)", min=1, max=64)
     num_scales: int = opt(2, "squeeze + factor-out steps of the conv arch", min=0, max=2)
     actnorm: bool = opt(True, "ActNorm before every coupling")
+    dequantization: str = opt("uniform", "noise that makes the 8-bit images continuous: "
+                                         "uniform, or a learned q(u|x) (variational; Ho et "
+                                         "al., 2019) whose density the bound counts",
+                              choices=("uniform", "variational"))
     alpha: float = opt(1e-6, "logit pre-processing squeeze: logit(alpha + (1 - 2 alpha) x)",
                        min=0.0, max=0.49)
     scale_clamp: float = opt(2.0, "bound on each coupling's log-scale (soft clamp)", min=0.01)

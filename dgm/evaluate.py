@@ -39,6 +39,10 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
     ckpt = load_checkpoint(path, name, map_location=dev)
     # Checkpoints from before own data sets hold no image shape: theirs was MNIST's.
     model = build_model(name, cfg, ckpt.get("image_shape", (1, 28, 28)))
+    if "ema_state_dict" in ckpt:  # trained with --ema: the averaged weights are the model
+        ema = ckpt["ema_state_dict"]
+        ckpt = {**ckpt, "state_dict": {k.removeprefix("module."): v for k, v in ema.items()
+                                       if k.startswith("module.")}}
     load_weights(model, ckpt, path)
     return name, cfg, model.to(dev).eval(), ckpt
 

@@ -65,7 +65,8 @@ class ThreadPolicy:
         self.most = self.before
         if threads > 0:
             torch.set_num_threads(threads)
-        self.last = _busy_ticks() if self.auto else None
+        # With one thread to start from there is nothing to choose.
+        self.last = _busy_ticks() if self.auto and self.most > 1 else None
         self.checked = time.monotonic()
         if self.last is not None:
             # A first look before the first step: a short epoch on a busy machine would

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from dgm.config import TrainConfig
@@ -152,11 +153,12 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
             model.initialize(model.prepare(train_x[idx[:cfg.batch_size]], init_gen))
         ctx.broadcast_module(model)
         ctx.sync_optimizers(optimizers)
+        averaged = _averaged(model, cfg.ema, ckpt if resume else None, last_path)
         if ctx.is_main:
             save_config(run, model_name, cfg)
             write_metrics(run, history)  # drops rows of an epoch that never reached a checkpoint
         _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, device, ctx,
-              quiet, board, history, epoch, step)
+              quiet, board, history, epoch, step, averaged)
         if ctx.is_main:
             try:
                 write_report([run])
@@ -170,9 +172,25 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     return model, history
 
 
+def _averaged(model, decay: float, ckpt: dict | None, path: Path) -> AveragedModel | None:
+    """The exponential moving average of the weights (``--ema``), restored on resume."""
+    if not decay:
+        return None
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if ckpt is not None:
+        if "ema_state_dict" not in ckpt:
+            raise DgmError(f"{path} was trained without --ema; resume it with --ema 0")
+        averaged.load_state_dict(ckpt["ema_state_dict"])
+    return averaged
+
+
 def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, device, ctx, quiet,
-          board, history, epoch, step):
-    """Epoch 0's pictures, then train, validate, checkpoint and draw every epoch."""
+          board, history, epoch, step, averaged=None):
+    """Epoch 0's pictures, then train, validate, checkpoint and draw every epoch.
+
+    With ``averaged`` (the weights' moving average) validation, the best checkpoint and
+    the pictures use the averaged weights, which are what evaluation uses."""
+    shown = averaged.module if averaged is not None else model
     threads = ThreadPolicy(cfg.threads if device.type == "cpu" else -1)
     try:
         # Validation images are prepared (binarised, dequantised) once, with a fixed seed, so
@@ -184,15 +202,17 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             for child in model.children():
                 child.compile()
         if epoch == 0 and ctx.is_main:
-            _pictures(model, cfg, run, 0)
+            _pictures(shown, cfg, run, 0)
         stop = _patience_spent(history, model.best_metric, cfg.patience)
         while epoch < cfg.epochs and not stop:
             t0 = time.perf_counter()
             _set_learning_rate(optimizers, cfg, epoch)
             stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
-                                       epoch + 1, step, quiet, ctx, threads)
-            ctx.broadcast_module(model)  # BatchNorm statistics are per rank; keep rank 0's
-            val = _validate(model, val_in, cfg, device, ctx)
+                                       epoch + 1, step, quiet, ctx, threads, averaged)
+            ctx.broadcast_module(shown)  # BatchNorm statistics are per rank; keep rank 0's
+            if shown is not model:
+                ctx.broadcast_module(model)
+            val = _validate(shown, val_in, cfg, device, ctx)
             epoch += 1
             row = {"epoch": epoch, "step": step, **stats, **val,
                    "time_s": round(time.perf_counter() - t0, 3)}
@@ -201,11 +221,11 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             samples = None
             if ctx.is_main:
                 _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
-                      device, cfg, tuple(train_x.shape[1:]))
+                      device, cfg, tuple(train_x.shape[1:]), averaged)
                 write_metrics(run, history)
                 plot_curves(history, model.curves, run / "curves.png",
                             title=f"{model_name} on {cfg.dataset}")
-                samples = _pictures(model, cfg, run, epoch, final=stop)
+                samples = _pictures(shown, cfg, run, epoch, final=stop)
             if board:
                 for k, v in row.items():
                     board.add_scalar(k, v, epoch)
@@ -228,7 +248,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
 
 
 def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step, quiet,
-                 ctx=None, threads=None):
+                 ctx=None, threads=None, averaged=None):
     ctx = ctx or Context()
     model.train()
     n_batches = len(train_x) // cfg.batch_size  # drop the ragged last batch (BatchNorm, speed)
@@ -247,6 +267,8 @@ def _train_epoch(model, optimizers, train_x, cfg, data_gen, device, epoch, step,
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         step += 1
+        if averaged is not None:
+            averaged.update_parameters(model)
         if threads:
             threads.update()
         # Checking finiteness syncs with the device (and the ranks), so only now and then.
@@ -301,7 +323,7 @@ def _tensorboard(run: Path):
 
 
 def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, device, cfg,
-          image_shape):
+          image_shape, averaged=None):
     rng = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -316,6 +338,8 @@ def _save(run, model_name, model, optimizers, history, epoch, step, data_gen, de
         "history": history,
         "rng": rng,
     }
+    if averaged is not None:
+        payload["ema_state_dict"] = averaged.state_dict()
     save_checkpoint(run / "checkpoints" / "last.pt", payload)
     key, mode = model.best_metric
     scores = [r[key] for r in history if r.get(key) is not None]

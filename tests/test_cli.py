@@ -201,3 +201,21 @@ def test_sigterm_saves_and_exits_non_zero_then_resumes(fake_data_dir, tmp_path):
     assert main(["train", "vae", "--resume", str(run), "--epochs", str(epochs + 1),
                  "--quiet"]) == 0
     assert load_checkpoint(last)["epoch"] == epochs + 1
+
+
+def test_ema_weights_are_the_evaluated_model_and_resume_exactly(fake_data_dir, tmp_path):
+    from dgm.evaluate import load_model
+
+    assert main(vae(fake_data_dir, tmp_path / "a", "--epochs", "3", "--ema", "0.9")) == 0
+    assert main(vae(fake_data_dir, tmp_path / "b", "--epochs", "1", "--ema", "0.9")) == 0
+    assert main(["train", "vae", "--resume", str(tmp_path / "b"), "--epochs", "3",
+                 "--quiet"]) == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    for k in a["ema_state_dict"]:
+        torch.testing.assert_close(a["ema_state_dict"][k], b["ema_state_dict"][k], rtol=0,
+                                   atol=0)
+    _, _, model, _ = load_model(tmp_path / "a", "last", "cpu")
+    weight = model.state_dict()["encoder.0.weight"]
+    torch.testing.assert_close(weight, a["ema_state_dict"]["module.encoder.0.weight"])
+    assert not torch.equal(weight, a["state_dict"]["encoder.0.weight"])

@@ -134,6 +134,8 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     # The recipe's options together (and the VampPrior), through every picture and score.
     ("vae", ["--iwae-k", "3", "--hidden-layers", "2", "--kl-warmup-steps", "2", "--prior",
              "vamp", "--num-pseudo-inputs", "5", "--lr-schedule", "cosine", "--patience", "1"]),
+    ("flow", ["--dequantization", "variational", "--ema", "0.9"]),
+    ("gan", ["--ema", "0.9"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"

@@ -169,11 +169,14 @@ class AffineCoupling(Transform):
         hidden_dim: channels (conv) or units (mlp) of the conditioner.
         num_blocks: residual blocks (conv) or hidden layers (mlp).
         scale_clamp: bound c on |s|.
+        context_channels: channels of a ``context`` (B, K, H, W) that the conditioner also
+            sees (conv only), making the coupling a bijection of x for each context, as
+            the variational dequantiser q(u|x) needs.
     """
 
     def __init__(self, shape: Shape, mask: str = "checkerboard", parity: int = 0,
                  net: str = "conv", hidden_dim: int = 32, num_blocks: int = 1,
-                 scale_clamp: float = 2.0):
+                 scale_clamp: float = 2.0, context_channels: int = 0):
         super().__init__()
         c, h, w = shape
         if mask not in ("checkerboard", "channel"):
@@ -189,7 +192,7 @@ class AffineCoupling(Transform):
             c_in, c_out = c // 2, c - c // 2
         if net == "conv":
             # A checkerboard conditioner also sees the mask, so it knows which pixels are real.
-            extra = 1 if mask == "checkerboard" else 0
+            extra = (1 if mask == "checkerboard" else 0) + context_channels
             self.net = conv_net(c_in + extra, 2 * c_out, hidden_dim, num_blocks)
         elif net == "mlp":
             self.net = nn.Sequential(
@@ -197,11 +200,16 @@ class AffineCoupling(Transform):
                 nn.Unflatten(1, (2 * c_out, h, w)))
         else:
             raise ValueError(f"net must be 'conv' or 'mlp', not {net!r}")
+        if context_channels and net != "conv":
+            raise ValueError("a context needs the conv conditioner")
         self.net_type = net
 
-    def _scale_shift(self, x_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_shift(self, x_kept: torch.Tensor, context: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_type == "checkerboard" and self.net_type == "conv":
             x_kept = torch.cat([x_kept, self.mask.expand(len(x_kept), 1, -1, -1)], 1)
+        if context is not None:
+            x_kept = torch.cat([x_kept, context], 1)
         s, t = self.net(x_kept).chunk(2, dim=1)
         return self.scale_clamp * torch.tanh(s / self.scale_clamp), t
 
@@ -212,24 +220,26 @@ class AffineCoupling(Transform):
     def _join(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         return torch.cat([kept, changed] if self.parity == 0 else [changed, kept], 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_type == "checkerboard":
             m = self.mask.to(x.dtype)
-            s, t = self._scale_shift(x * m)
+            s, t = self._scale_shift(x * m, context)
             s, t = s * (1 - m), t * (1 - m)  # the kept pixels pass unchanged
             return x * torch.exp(s) + t, s.flatten(1).sum(1)
         kept, changed = self._split(x)
-        s, t = self._scale_shift(kept)
+        s, t = self._scale_shift(kept, context)
         return self._join(kept, changed * torch.exp(s) + t), s.flatten(1).sum(1)
 
-    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mask_type == "checkerboard":
             m = self.mask.to(y.dtype)
-            s, t = self._scale_shift(y * m)
+            s, t = self._scale_shift(y * m, context)
             s, t = s * (1 - m), t * (1 - m)
             return (y - t) * torch.exp(-s), -s.flatten(1).sum(1)
         kept, changed = self._split(y)
-        s, t = self._scale_shift(kept)
+        s, t = self._scale_shift(kept, context)
         return self._join(kept, (changed - t) * torch.exp(-s)), -s.flatten(1).sum(1)
 
 

@@ -1,0 +1,40 @@
+"""The thread policy for CPUs that other processes share (dgm/threads.py)."""
+
+import os
+
+import torch
+
+from dgm import threads
+
+
+def test_others_busy_time_excludes_our_own(monkeypatch):
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)  # clock ticks per second
+    # All cores were busy 200 ticks over 1 s, of which we were 50: others used 1.5 cores.
+    assert threads._others((100, 10), (300, 60), 1.0) == 1.5
+    assert threads._others((100, 10), (150, 60), 1.0) == 0.0  # never negative
+    busy = threads.others_busy_cores(0.05)
+    assert busy is None or 0 <= busy <= (os.cpu_count() or 1) + 0.5
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # A core counts when at least three quarters of it is idle.
+        for busy, want in ((0.0, 2), (0.2, 2), (0.3, 1), (1.0, 1), (1.9, 1)):
+            monkeypatch.setattr(threads, "others_busy_cores", lambda interval=0.1, b=busy: b)
+            policy = threads.ThreadPolicy(0)
+            if policy.last is not None:  # on Linux; elsewhere torch's default stays
+                assert torch.get_num_threads() == want, busy
+            policy.restore()
+            assert torch.get_num_threads() == 2
+        fixed = threads.ThreadPolicy(1)
+        assert torch.get_num_threads() == 1
+        fixed.update()
+        assert torch.get_num_threads() == 1
+        fixed.restore()
+        threads.ThreadPolicy(-1)  # a GPU run leaves them alone
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
