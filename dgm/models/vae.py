@@ -15,6 +15,7 @@ from torch import nn
 
 from dgm.data import binarize
 from dgm.maths import (
+    LOG_2PI,
     bernoulli_log_prob,
     diag_normal_log_prob,
     kl_std_normal,
@@ -34,6 +35,11 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
         layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers)
+
+
+def _posterior_log_prob(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) at z = mu + sigma * eps, from the noise itself: (..., D) -> (...)."""
+    return -0.5 * (eps.square() + logvar + LOG_2PI).sum(-1)
 
 
 class VAE(nn.Module):
@@ -126,9 +132,7 @@ class VAE(nn.Module):
         eps = torch.randn(n, self.latent_dim, generator=generator, device=device)
         if self.pseudo_logits is None:
             return eps
-        mu, logvar = self.prior_params()
-        k = torch.randint(len(mu), (n,), generator=generator, device=device)
-        return mu[k] + torch.exp(0.5 * logvar[k]) * eps
+        return self._prior_draws(eps, self.prior_params(), generator)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One-sample reconstruction log-likelihood and KL per image: (B, ...) -> (B,), (B,).
@@ -144,7 +148,7 @@ class VAE(nn.Module):
         rec = bernoulli_log_prob(self.decode(z), x.flatten(1))
         if self.pseudo_logits is None:
             return rec, kl_std_normal(mu, logvar)
-        log_q = -0.5 * (eps.square() + logvar + math.log(2 * math.pi)).sum(-1)
+        log_q = _posterior_log_prob(eps, logvar)
         return rec, log_q - self.log_prior(z)
 
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,12 +169,15 @@ class VAE(nn.Module):
             logits, x.flatten(1).expand_as(logits), reduction="none").sum(-1)
         if proposal == "prior":
             return rec, torch.zeros_like(rec)
-        log_q = -0.5 * (eps.square() + logvar + math.log(2 * math.pi)).sum(-1)
+        log_q = _posterior_log_prob(eps, logvar)
         return rec, self.log_prior(z, prior) - log_q
 
-    def _prior_draws(self, eps: torch.Tensor, prior) -> torch.Tensor:
+    @staticmethod
+    def _prior_draws(eps: torch.Tensor, prior: tuple[torch.Tensor, torch.Tensor],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """VampPrior draws: a uniform component each, then its Gaussian: (..., D) -> (..., D)."""
         mu, logvar = prior
-        k = torch.randint(len(mu), eps.shape[:-1], device=eps.device)
+        k = torch.randint(len(mu), eps.shape[:-1], generator=generator, device=eps.device)
         return mu[k] + torch.exp(0.5 * logvar[k]) * eps
 
     def iwae_bound(self, x: torch.Tensor, k: int, beta: float = 1.0) -> torch.Tensor:
