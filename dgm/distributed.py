@@ -83,6 +83,12 @@ class Context:
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, 0)
 
+    def barrier(self) -> None:
+        """Wait for every rank: called once training or evaluation succeeded, so that no rank
+        tears down the process group while a peer still uses it (gloo aborts that peer)."""
+        if self.world > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -107,7 +113,8 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
         if rank == 0:
             print(f"dgm: waiting up to {timeout} s for {world} processes at {where}",
                   file=sys.stderr)
-        if rank != 0:
+        if rank != 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # Under torchrun the agent's store is up before any rank starts; by hand, wait.
             _wait_for_rank0(rank, timeout)
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",

@@ -71,7 +71,9 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     try:
         ctx, device = setup(resolve_device(cfg.device))
         try:
-            return _train(model_name, cfg, run, resume, quiet or not ctx.is_main, ctx, device)
+            result = _train(model_name, cfg, run, resume, quiet or not ctx.is_main, ctx, device)
+            ctx.barrier()
+            return result
         finally:
             ctx.close()
     except (MemoryError, RuntimeError) as e:
