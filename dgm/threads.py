@@ -2,8 +2,8 @@
 
 torch runs one OpenMP thread per core, and OpenMP threads spin at every barrier waiting
 for each other. When another process holds one of those cores, every barrier waits for
-the thread that the scheduler left out: on 2 cores with one busy process, two threads
-trained the VAE 2.9x slower than alone, one thread 1.4x (BENCHMARKS.md, threads). So the
+the thread that the scheduler left out: on 2 cores beside one busy process, two threads
+trained the VAE 3.6x slower than alone, one thread 1.75x (BENCHMARKS.md, threads). So the
 trainer uses as many threads as there are cores that other processes leave idle, read
 from ``/proc/stat`` (all processes) less ``/proc/self/stat`` (this one) and checked again
 every few seconds, so it follows a load that comes and goes.
@@ -59,14 +59,12 @@ class ThreadPolicy:
     """
 
     def __init__(self, threads: int, interval: float = 2.0):
-        self.before = torch.get_num_threads()
-        self.auto = threads == 0
+        self.before = self.most = torch.get_num_threads()
         self.interval = interval
-        self.most = self.before
         if threads > 0:
             torch.set_num_threads(threads)
         # With one thread to start from there is nothing to choose.
-        self.last = _busy_ticks() if self.auto and self.most > 1 else None
+        self.last = _busy_ticks() if threads == 0 and self.most > 1 else None
         self.checked = time.monotonic()
         if self.last is not None:
             # A first look before the first step: a short epoch on a busy machine would
