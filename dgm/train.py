@@ -235,9 +235,9 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
                     board.add_images("samples", samples, epoch)
                 board.flush()
             if not quiet:
-                shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                  if k not in ("epoch", "step"))
-                tqdm.write(f"epoch {epoch}/{cfg.epochs}  {shown}")
+                line = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                 if k not in ("epoch", "step"))
+                tqdm.write(f"epoch {epoch}/{cfg.epochs}  {line}")
         if stop and epoch < cfg.epochs and not quiet:
             tqdm.write(f"stopped early: {model.best_metric[0]} has not improved for "
                        f"{cfg.patience} epochs (--patience)")

@@ -51,6 +51,18 @@ def test_vae_end_to_end(fake_data_dir, tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0
 
 
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_progress_lines_of_every_epoch(fake_data_dir, tmp_path, capsys, ema):
+    # Every other CLI test trains --quiet; a user does not, and the second epoch's
+    # progress line once crashed a run (a name reused for the printed line).
+    args = [a for a in vae(fake_data_dir, tmp_path / "run", "--epochs", "3", "--ema", ema)
+            if a != "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for epoch in (1, 2, 3):
+        assert f"epoch {epoch}/3  train_" in out
+
+
 def test_resume_equals_uninterrupted_run(fake_data_dir, tmp_path):
     assert main(vae(fake_data_dir, tmp_path / "a", "--epochs", "3")) == 0
     assert main(vae(fake_data_dir, tmp_path / "b", "--epochs", "1")) == 0
