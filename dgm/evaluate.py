@@ -11,6 +11,7 @@ from tqdm import tqdm
 from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
+from dgm.features import SHIPPED, shipped_feature_net
 from dgm.maths import bits_per_dim
 from dgm.models import build_model
 from dgm.runs import (
@@ -91,6 +92,8 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     if sample_quality and (y < 0).any():
         raise DgmError(f"--sample-quality needs class labels (its feature classifier learns "
                        f"them) and split {split!r} of {cfg.dataset} has none")
+    if (name == "gan" or sample_quality) and cfg.dataset in SHIPPED:
+        shipped_feature_net(cfg.dataset)  # a changed weights file is refused before any work
     shared = split_overlap(cfg.dataset, split, cfg.train_split, data_dir, offline)
     if shared:
         results["warning"] = (f"{shared} of these {len(x)} images are in the training split "
@@ -206,9 +209,9 @@ def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
 def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
                      data_dir: str | None = None, offline: bool = False,
                      quiet: bool = False) -> dict:
-    """Frechet distance, feature-classifier accuracy and Parzen log-likelihood of a model's
-    samples against the test images, with the classifier trained on the run's training split
-    (see :func:`dgm.quality.sample_quality`)."""
+    """Frechet and kernel distances, precision and recall and the Parzen log-likelihood of
+    a model's samples against the test images, in the data set's shipped feature network
+    (else one trained on the run's training split; see :func:`dgm.quality.sample_quality`)."""
     from dgm.quality import sample_quality
 
     dev = x_uint8.device
@@ -217,9 +220,9 @@ def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
     if (train_y < 0).any():
         raise DgmError(f"sample quality needs class labels (its feature classifier learns them) "
                        f"and training split {cfg.train_split!r} of {cfg.dataset} has none")
-    if not quiet:
-        print("dgm: sample quality (the feature classifier is trained once, then cached)",
-              file=sys.stderr)
+    if not quiet and cfg.dataset not in SHIPPED:
+        print(f"dgm: sample quality: {cfg.dataset} has no shipped feature network; one is "
+              "trained on the training split once, then cached", file=sys.stderr)
     return sample_quality(lambda n, gen: model.sample(n, generator=gen), cfg.dataset,
                           (x_uint8, labels), (train_x.to(dev), train_y.to(dev)), val_x.to(dev),
                           seed=EVAL_SEED, quiet=quiet)

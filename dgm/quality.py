@@ -1,39 +1,31 @@
 """Sample quality for any model that samples images: Frechet and kernel distances,
 precision and recall, and Parzen windows.
 
-The Frechet distance is the FID idea (Heusel et al., 2017) with a small CNN that dgm
-trains on the data set itself in place of Inception (whose weights cannot be downloaded
-here, and which does not know 28x28 greyscale digits or clothes anyway). The classifier
-is trained once per data set and training split, seeded, and cached on disk, so every
-model (VAE, GAN, flow) is scored in the same feature space. Numbers are comparable only
-between runs scored with the same classifier (same data set, training split and recipe);
-they are not comparable with published FIDs.
+The scores are measured in the features of :mod:`dgm.features`: for a built-in data set
+a small classifier that ships with dgm, hash-checked on every load, so the same run and
+seed give the same numbers on every machine. They are the FID and KID ideas (Heusel et
+al., 2017; Binkowski et al., 2018) in these features, not in Inception's, so they are
+not comparable with published FIDs; each comes beside its real-against-real floor on
+the same number of images.
 
 The Parzen-window log-likelihood (Breuleux et al., 2011; as reported by Goodfellow et al.,
 2014) is here for comparison with the literature only; see ``PARZEN_NOTE``.
 """
 
-import dataclasses
-import hashlib
 import math
-import re
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
-from dgm.data import default_cache_dir
+from dgm.features import accuracy, extract_features, feature_net
 from dgm.maths import bits_per_dim
-from dgm.runs import atomic_write
 
-__all__ = ["PARZEN_NOTE", "ClassifierRecipe", "FeatureNet", "cached_classifier",
-           "classifier_accuracy", "extract_features", "frechet_distance", "kernel_distance",
-           "parzen_log_prob", "precision_recall",
-           "parzen_log_likelihood", "sample_quality", "train_classifier"]
+__all__ = ["PARZEN_NOTE", "frechet_distance", "kernel_distance", "parzen_log_likelihood",
+           "parzen_log_prob", "precision_recall", "sample_quality"]
 
 PARZEN_NOTE = (
     "Parzen-window estimates are a weak measure (Theis et al., 2016): in 784 dimensions they "
@@ -43,181 +35,46 @@ PARZEN_NOTE = (
     "density is on pixels in [0, 1], bits_per_dim on the 0..255 scale (+log2 255 ~ 8 bits).")
 
 
-@dataclass(frozen=True)
-class ClassifierRecipe:
-    """How the feature classifier is built and trained; part of its cache key."""
+class _Given(nn.Module):
+    """Features computed already: torchmetrics' metrics take a feature module."""
 
-    channels: tuple[int, int] = (16, 32)
-    feature_dim: int = 128
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-
-
-class FeatureNet(nn.Module):
-    """A small CNN classifier: (B, C, H, W) images in [0, 1] -> class logits (B, K).
-
-    ``features`` gives its penultimate activations (B, feature_dim), the space in which
-    the Frechet distance is measured.
-    """
-
-    def __init__(self, num_classes: int = 10, channels: tuple[int, int] = (16, 32),
-                 feature_dim: int = 128, in_channels: int = 1,
-                 image_size: int | tuple[int, int] = 28):
+    def __init__(self, num_features: int):
         super().__init__()
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-        c1, c2 = channels
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, c1, H/2, W/2)
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # (B, c2, H/4, W/4)
-            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), feature_dim), nn.ReLU())
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.num_features = num_features
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def _to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> floats in [0, 1]; float images pass unchanged."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
-def train_classifier(x: torch.Tensor, labels: torch.Tensor,
-                     recipe: ClassifierRecipe = ClassifierRecipe(),
-                     quiet: bool = True) -> FeatureNet:
-    """Train a :class:`FeatureNet` on images (N, 1, H, W) (uint8 or [0, 1]) and labels (N,).
-
-    Seeded by ``recipe.seed`` without touching the global random state, so the same data
-    and recipe give the same network.
-    """
-    gen = torch.Generator(x.device).manual_seed(recipe.seed)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(recipe.seed)
-        net = FeatureNet(int(labels.max()) + 1, recipe.channels, recipe.feature_dim,
-                         x.shape[1], tuple(x.shape[2:])).to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
-    net.train()
-    n_batches = max(1, len(x) // recipe.batch_size)
-    with torch.enable_grad():  # callers may evaluate under no_grad
-        _fit(net, opt, x, labels, recipe, gen, n_batches, quiet)
-    return net.eval()
-
-
-def _fit(net, opt, x, labels, recipe, gen, n_batches, quiet) -> None:
-    for epoch in range(recipe.epochs):
-        perm = torch.randperm(len(x), generator=gen, device=x.device)
-        for i in tqdm(range(n_batches), desc=f"feature classifier, epoch {epoch + 1}",
-                      leave=False, disable=quiet or None):
-            idx = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
-            loss = F.cross_entropy(net(_to_unit(x[idx])), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-def _cache_key(x: torch.Tensor, labels: torch.Tensor, recipe: ClassifierRecipe) -> str:
-    h = hashlib.sha256()
-    h.update(x.cpu().contiguous().numpy().tobytes())
-    h.update(labels.cpu().contiguous().numpy().tobytes())
-    h.update(repr((FeatureNet.__qualname__, dataclasses.asdict(recipe))).encode())
-    return h.hexdigest()[:16]
-
-
-def cached_classifier(dataset: str, x: torch.Tensor, labels: torch.Tensor,
-                      recipe: ClassifierRecipe = ClassifierRecipe(),
-                      cache_dir: str | Path | None = None,
-                      quiet: bool = True) -> tuple[FeatureNet, Path, bool]:
-    """The classifier for this training data and recipe: from the cache, else trained and cached.
-
-    The cache file is ``<cache>/classifiers/<dataset>-<hash of data and recipe>.pt`` under
-    the user's cache (``$XDG_CACHE_HOME/dgm`` or ``~/.cache/dgm``). Returns
-    ``(network in eval mode, cache path, whether it was trained now)``.
-    """
-    folder = Path(cache_dir) if cache_dir else default_cache_dir() / "classifiers"
-    # A data set may be a path ("data/faces.npz"): its last part names the file; the hash of
-    # the data keeps two of the same name apart.
-    name = re.sub(r"[^\w.-]", "_", Path(dataset).name) or "data"
-    path = folder / f"{name}-{_cache_key(x, labels, recipe)}.pt"
-    num_classes = int(labels.max()) + 1
-    net = FeatureNet(num_classes, recipe.channels, recipe.feature_dim, x.shape[1],
-                     tuple(x.shape[2:]))
-    if path.is_file():
-        try:
-            payload = torch.load(path, map_location=x.device, weights_only=True)
-            net.load_state_dict(payload["state_dict"])
-            return net.to(x.device).eval(), path, False
-        except Exception:  # a corrupt or foreign cache file is retrained and replaced
-            pass
-    net = train_classifier(x, labels, recipe, quiet)
-    payload = {"dataset": dataset, "recipe": dataclasses.asdict(recipe),
-               "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}}
-    atomic_write(path, lambda f: torch.save(payload, f))
-    return net, path, True
-
-
-@torch.no_grad()
-def classifier_accuracy(net: FeatureNet, x: torch.Tensor, labels: torch.Tensor,
-                        batch_size: int = 1000) -> float:
-    """Fraction of images (uint8 or [0, 1]) that ``net`` classifies correctly."""
-    correct = sum((net(_to_unit(x[i:i + batch_size])).argmax(1) == labels[i:i + batch_size])
-                  .sum().item() for i in range(0, len(x), batch_size))
-    return correct / len(x)
-
-
-@torch.no_grad()
-def extract_features(net: FeatureNet, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate features of images (N, C, H, W) (uint8 or [0, 1]): -> float64 (N, F)."""
-    return torch.cat([net.features(_to_unit(x[i:i + batch_size])).double()
-                      for i in range(0, len(x), batch_size)])
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, F) and (M, F).
-
-    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), in float64. The trace
-    of the square root is sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2))): that matrix is symmetric
-    positive semi-definite with the same eigenvalues as S_a S_b, so symmetric
-    eigendecompositions suffice (no scipy, no complex parts to discard).
-    """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    evals, evecs = torch.linalg.eigh(cov_a)
-    sqrt_a = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
-    middle = sqrt_a @ cov_b @ sqrt_a
-    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    fd = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt
-    return max(fd.item(), 0.0)  # rounding can leave a tiny negative for identical sets
+    """Frechet distance between Gaussians fitted to two feature sets (N, F) and (M, F):
+    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)), by torchmetrics in
+    float64."""
+    fid = FrechetInceptionDistance(feature=_Given(a.shape[1]), sync_on_compute=False)
+    fid.update(a.double(), real=True)
+    fid.update(b.double(), real=False)
+    return max(fid.compute().item(), 0.0)  # rounding can leave a tiny negative for equal sets
 
 
 def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 100,
-                    subset_size: int = 1000, generator: torch.Generator | None = None
-                    ) -> tuple[float, float]:
-    """Kernel distance (KID; Binkowski et al., 2018) between feature sets (N, F) and (M, F).
-
-    The unbiased estimate of the squared MMD with the polynomial kernel
-    k(x, y) = (x.y / F + 1)^3 on ``subsets`` random subsets of ``subset_size`` from each
-    set; returns its mean and standard deviation over the subsets. Unlike the Frechet
-    distance it has no bias at small sample sizes: two samples of one distribution score
-    about 0, sometimes below.
-    """
-    a, b = a.double(), b.double()
-    f, m = a.shape[1], min(subset_size, len(a), len(b))
-    values = []
-    for _ in range(subsets):
-        x = a[torch.randperm(len(a), generator=generator, device=a.device)[:m]]
-        y = b[torch.randperm(len(b), generator=generator, device=b.device)[:m]]
-        kxx, kyy, kxy = ((p @ q.T / f + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
-        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum())
-        values.append(within / (m * (m - 1)) - 2 * kxy.mean())
-    values = torch.stack(values)
-    return values.mean().item(), (values.std().item() if subsets > 1 else math.nan)
+                    subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel distance (KID; Binkowski et al., 2018) between feature sets (N, F) and (M, F),
+    by torchmetrics: the unbiased estimate of the squared MMD with the polynomial kernel
+    k(x, y) = (x.y / F + 1)^3 on ``subsets`` random subsets of ``subset_size`` (at most the
+    smaller set) from each set; returns its mean and standard deviation over the subsets.
+    Unlike the Frechet distance it has no bias at small sample sizes: two samples of one
+    distribution score about 0, sometimes below."""
+    m = min(subset_size, len(a), len(b))
+    with warnings.catch_warnings():  # "will save all extracted features": they are given
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Given(a.shape[1]), subsets=subsets,
+                                      subset_size=m, sync_on_compute=False)
+    kid.update(a.double(), real=True)
+    kid.update(b.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # its subsets come from the global generator
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return mean.item(), std.item()
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -301,45 +158,42 @@ def sample_quality(sample: Callable[[int, torch.Generator], torch.Tensor], datas
                    test: tuple[torch.Tensor, torch.Tensor],
                    train: tuple[torch.Tensor, torch.Tensor], val: torch.Tensor,
                    n_samples: int = 10000, seed: int = 1234, n_parzen_val: int = 1000,
-                   recipe: ClassifierRecipe = ClassifierRecipe(),
-                   cache_dir: str | Path | None = None, quiet: bool = True) -> dict:
-    """Frechet and kernel distances, precision and recall, the feature classifier's accuracy
-    and the Parzen log-likelihood of a sampler, each score beside its real-vs-real floor.
+                   quiet: bool = True) -> dict:
+    """Frechet and kernel distances, precision and recall of a sampler, each beside its
+    real-against-real floor and with the feature network's name and hash; the network's
+    accuracy on the test images; the Parzen log-likelihood.
 
     ``sample(n, generator)`` returns n images (n, C, H, W) in [0, 1]; ``test`` and
-    ``train`` are (uint8 images, labels) on the device to use, ``val`` uint8 images for
-    choosing the Parzen bandwidth. ``frechet.real_reference`` is the distance between the
-    test images and as many training images: what a perfect sampler would score, given
-    the finite sample sizes.
+    ``train`` are (uint8 images, labels) on the device to use (``train`` trains the
+    feature network of a data set that has no shipped one), ``val`` uint8 images for
+    choosing the Parzen bandwidth. The floors score as many training images as there are
+    test images: what a perfect sampler would score, given the finite sample sizes.
     """
     test_x, test_y = test
-    train_x, train_y = train
-    net, path, trained = cached_classifier(dataset, train_x, train_y, recipe, cache_dir, quiet)
+    train_x, _ = train
+    net, info = feature_net(dataset, train, quiet)
+    net = net.to(test_x.device)
+    cite = f"{info['name']} sha256:{info['sha256'][:16]}"
     gen = torch.Generator(test_x.device).manual_seed(seed)
     fakes = torch.cat([sample(min(1000, n_samples - i), gen).float().clamp(0, 1)
                        for i in range(0, n_samples, 1000)])
-    f_test = extract_features(net, test_x)
     ref_idx = torch.randperm(len(train_x), generator=gen, device=train_x.device)[:len(test_x)]
-    # The real reference: as many training images as test images, what a perfect sampler
-    # would score given the finite sample sizes.
-    f_fake, f_ref = extract_features(net, fakes), extract_features(net, train_x[ref_idx])
-    quality = {
+    f_test, f_fake = extract_features(net, test_x), extract_features(net, fakes)
+    f_ref = extract_features(net, train_x[ref_idx])
+    kid, kid_std = kernel_distance(f_test, f_fake, seed=seed)
+    kid_ref, kid_ref_std = kernel_distance(f_test, f_ref, seed=seed)
+    pr, pr_ref = precision_recall(f_test, f_fake), precision_recall(f_test, f_ref)
+    return {
+        "features": {**info, "test_accuracy": accuracy(net, test_x, test_y)},
         "frechet": {"distance": frechet_distance(f_test, f_fake),
                     "real_reference": frechet_distance(f_test, f_ref),
-                    "n_generated": n_samples, "n_test": len(test_x),
-                    "feature_dim": recipe.feature_dim},
-        "classifier": {"test_accuracy": classifier_accuracy(net, test_x, test_y),
-                       "n_train": len(train_x), "epochs": recipe.epochs,
-                       "cache": str(path), "trained_now": trained},
+                    "n_generated": n_samples, "n_test": len(test_x), "features": cite},
+        "kid": {"mean": kid, "std": kid_std, "real_reference": kid_ref,
+                "real_reference_std": kid_ref_std, "subsets": 100,
+                "subset_size": min(1000, len(test_x), n_samples), "features": cite},
+        "precision_recall": {"precision": pr["precision"], "recall": pr["recall"],
+                             "real_precision": pr_ref["precision"],
+                             "real_recall": pr_ref["recall"], "k": pr["k"], "features": cite},
+        "parzen": parzen_log_likelihood(fakes, val[:n_parzen_val].double() / 255,
+                                        test_x.double() / 255),
     }
-    kid, kid_std = kernel_distance(f_test, f_fake, generator=gen)
-    kid_ref, kid_ref_std = kernel_distance(f_test, f_ref, generator=gen)
-    quality["kid"] = {"mean": kid, "std": kid_std, "real_reference": kid_ref,
-                      "real_reference_std": kid_ref_std, "subsets": 100, "subset_size": 1000}
-    quality["precision_recall"] = {
-        **precision_recall(f_test, f_fake),
-        "real_reference": {k: v for k, v in precision_recall(f_test, f_ref).items()
-                           if k != "k"}}
-    quality["parzen"] = parzen_log_likelihood(fakes, _to_unit(val[:n_parzen_val]),
-                                              _to_unit(test_x))
-    return quality

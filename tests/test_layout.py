@@ -17,7 +17,10 @@ ALLOWED = {
     "own_data": {"data", "errors"},
     "plots": {"runs", "errors"},
     "optim": set(),
-    "evaluate": {"data", "distributed", "errors", "maths", "models", "quality", "runs"},
+    "evaluate": {"data", "distributed", "errors", "features", "maths", "models", "quality",
+                 "runs"},
+    "features": {"data", "errors", "runs"},
+    "quality": {"features", "maths"},
 }
 # Everything under dgm/models/: the maths and data layers and each other, nothing above.
 MODEL_ALLOWED = {"maths", "data", "errors", "optim", "models"}

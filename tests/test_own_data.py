@@ -23,7 +23,7 @@ TINY = {"vae": ["--hidden-dim", "16", "--latent-dim", "2"], "gan": ["--latent-di
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    """The feature classifier's cache goes to the test's folder, not the user's."""
+    """A data set of your own trains a feature network, cached in the test's folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

@@ -1,24 +1,36 @@
-"""Sample-quality scores: the Frechet distance's maths and sanity, Parzen windows, the cache."""
+"""Sample-quality scores: the shipped feature networks, the distances' maths against
+reference computations, precision and recall, Parzen windows."""
 
+import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
+import dgm.features
+from dgm.cli import main
 from dgm.data import load_split
-from dgm.quality import (
-    ClassifierRecipe,
-    cached_classifier,
-    classifier_accuracy,
+from dgm.errors import DgmError
+from dgm.features import (
+    SHIPPED,
+    Recipe,
+    accuracy,
     extract_features,
+    load_weights,
+    local_feature_net,
+    shipped_feature_net,
+    train_feature_net,
+    weights_bytes,
+)
+from dgm.quality import (
     frechet_distance,
     kernel_distance,
     parzen_log_likelihood,
     parzen_log_prob,
     precision_recall,
+    sample_quality,
 )
-
-TINY = ClassifierRecipe(channels=(8, 16), feature_dim=32, epochs=8)
 
 
 def gaussian(n: int, mean: torch.Tensor, cov_sqrt: torch.Tensor) -> torch.Tensor:
@@ -35,18 +47,44 @@ def test_frechet_matches_closed_form_for_diagonal_gaussians():
     assert frechet_distance(a, b) == pytest.approx(expected.item(), rel=0.02)
 
 
-def test_frechet_handles_non_commuting_covariances():
-    # tr((S_a S_b)^(1/2)) from the eigenvalues of S_a S_b computed another way.
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(5000, 6, generator=g, dtype=torch.float64) @ torch.randn(
+def _sqrtm(m: np.ndarray) -> np.ndarray:
+    """Matrix square root by the Denman-Beavers iteration, in NumPy: SciPy's ``sqrtm``
+    without SciPy (it converges for matrices with no eigenvalues <= 0, as S_a S_b has)."""
+    y, z = m, np.eye(len(m))
+    for _ in range(50):
+        y, z = (y + np.linalg.inv(z)) / 2, (z + np.linalg.inv(y)) / 2
+    return y
+
+
+def _frechet_reference(a: np.ndarray, b: np.ndarray, sqrtm) -> float:
+    """The FID papers' formula as written with SciPy: ||mu_a - mu_b||^2
+    + tr(S_a + S_b - 2 sqrtm(S_a S_b))."""
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = np.real(sqrtm(ca @ cb))
+    return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(ca + cb - 2 * covmean))
+
+
+def _random_features(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3000, 6, generator=g, dtype=torch.float64) @ torch.randn(
         6, 6, generator=g, dtype=torch.float64)
-    b = torch.randn(5000, 6, generator=g, dtype=torch.float64) @ torch.randn(
+    b = torch.randn(3000, 6, generator=g, dtype=torch.float64) @ torch.randn(
         6, 6, generator=g, dtype=torch.float64) + 1
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
-    tr_sqrt = torch.linalg.eigvals(ca @ cb).real.clamp_min(0).sqrt().sum()
-    expected = (a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * tr_sqrt
-    assert frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-6)
-    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    return a, b
+
+
+def test_frechet_matches_the_sqrtm_formula_on_non_commuting_covariances():
+    a, b = _random_features(0)
+    expected = _frechet_reference(a.numpy(), b.numpy(), _sqrtm)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_matches_scipy_where_installed():
+    linalg = pytest.importorskip("scipy.linalg")
+    a, b = _random_features(1)
+    expected = _frechet_reference(a.numpy(), b.numpy(), linalg.sqrtm)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
 
 
 @pytest.fixture(scope="module")
@@ -57,40 +95,120 @@ def fashion(real_data_dir):
     return train_x, train_y, test_x, test_y, other_x
 
 
-def test_frechet_score_is_sane(fashion, tmp_path):
-    train_x, train_y, test_x, test_y, other_x = fashion
-    net, _, _ = cached_classifier("fashion-mnist", train_x, train_y, TINY, tmp_path)
-    assert classifier_accuracy(net, test_x, test_y) > 0.5  # well above chance (0.1)
+@pytest.mark.parametrize("dataset", list(SHIPPED))
+def test_shipped_feature_nets_load_and_give_their_recorded_accuracy(dataset, real_data_dir):
+    spec = SHIPPED[dataset]
+    data = spec.file.read_bytes()
+    assert len(data) < 400_000 and hashlib.sha256(data).hexdigest() == spec.sha256
+    net, info = shipped_feature_net(dataset)
+    assert info["name"] == spec.name and info["sha256"] == spec.sha256
+    x, y = load_split(dataset, spec.test_split, real_data_dir)
+    assert round(accuracy(net, x, y), 4) == round(spec.test_accuracy, 4)
+    assert spec.test_accuracy > 0.85
+
+
+def test_a_tampered_weights_file_is_refused_in_one_line(fake_data_dir, tmp_path, monkeypatch,
+                                                        capsys):
+    spec = SHIPPED["mnist"]
+    tampered = bytearray(spec.file.read_bytes())
+    tampered[1000] ^= 1  # one bit of one weight
+    (tmp_path / spec.file.name).write_bytes(bytes(tampered))
+    with pytest.raises(DgmError, match="SHA-256"):
+        load_weights(tmp_path / spec.file.name, spec.sha256)
+
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--dataset", "mnist", "--data-dir", str(fake_data_dir),
+                 "--offline", "--train-split", "train[:64]", "--val-split", "test[:32]",
+                 "--test-split", "test[32:]", "--epochs", "1", "--hidden-dim", "16",
+                 "--batch-size", "32", "--quiet", "--out", str(run)]) == 0
+    monkeypatch.setattr(dgm.features, "WEIGHTS_DIR", tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--sample-quality"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "SHA-256" in err and "reinstall" in err
+    assert not (run / "evaluation.json").exists()  # refused before any work
+
+
+def test_the_feature_net_recipe_is_deterministic_and_the_file_round_trips(fashion, tmp_path):
+    train_x, train_y, test_x, _, _ = fashion
+    recipe = Recipe(epochs=1)
+    first = weights_bytes(train_feature_net(train_x[:512], train_y[:512], recipe))
+    second = weights_bytes(train_feature_net(train_x[:512], train_y[:512], recipe))
+    assert first == second
+    assert first != weights_bytes(train_feature_net(train_x[:512], train_y[:512],
+                                                    Recipe(epochs=1, seed=1)))
+    (tmp_path / "w.bin").write_bytes(first)
+    net, digest = load_weights(tmp_path / "w.bin", hashlib.sha256(first).hexdigest())
+    assert weights_bytes(net) == first
+    with pytest.raises(DgmError, match="bytes"):  # the right hash of a wrong-sized file
+        (tmp_path / "short.bin").write_bytes(first[:-4])
+        load_weights(tmp_path / "short.bin", None)
+
+
+def test_local_feature_net_cache_round_trip(fashion, tmp_path):
+    train_x, train_y, test_x, _, _ = fashion
+    recipe = Recipe(epochs=1)
+    net, info = local_feature_net("my/data.npz", train_x, train_y, recipe, tmp_path)
+    path = tmp_path / f"{info['name']}.bin"
+    assert info["name"].startswith("local-data.npz-") and path.is_file()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
+    again, info2 = local_feature_net("my/data.npz", train_x, train_y, recipe, tmp_path)
+    assert info2 == info
+    assert torch.equal(extract_features(net, test_x[:20]), extract_features(again, test_x[:20]))
+    # Other training data, other file; a broken file is retrained, not an error.
+    _, info3 = local_feature_net("my/data.npz", train_x[:300], train_y[:300], recipe, tmp_path)
+    assert info3["name"] != info["name"]
+    path.write_bytes(b"not weights")
+    _, info4 = local_feature_net("my/data.npz", train_x, train_y, recipe, tmp_path)
+    assert info4 == info
+
+
+def test_scores_in_the_shipped_features_rank_samplers(fashion):
+    _, _, test_x, _, other_x = fashion
+    net, _ = shipped_feature_net("fashion-mnist")
     ref = extract_features(net, test_x)
     real = frechet_distance(ref, extract_features(net, other_x))
     g = torch.Generator().manual_seed(0)
     noise = frechet_distance(ref, extract_features(net, torch.rand(500, 1, 28, 28, generator=g)))
     assert real < 0.05 * noise
-
     # A "generator" that gets better: fewer and fewer of its images are noise.
     x = other_x.float() / 255
     junk = torch.rand(x.shape, generator=g)
     scores = [frechet_distance(ref, extract_features(net, torch.cat([junk[:k], x[k:]])))
               for k in (250, 100, 25)]
-    assert scores[0] > scores[1] > scores[2]  # 5% junk is within sampling noise of `real`
+    assert scores[0] > scores[1] > scores[2]
 
 
-def test_classifier_cache_round_trip(fashion, tmp_path):
-    train_x, train_y, test_x, _, _ = fashion
-    recipe = ClassifierRecipe(channels=(4, 8), feature_dim=16, epochs=1)
-    net, path, trained = cached_classifier("fashion-mnist", train_x, train_y, recipe, tmp_path)
-    assert trained and path.is_file() and path.name.startswith("fashion-mnist-")
-    again, path2, trained2 = cached_classifier("fashion-mnist", train_x, train_y, recipe,
-                                               tmp_path)
-    assert path2 == path and not trained2
-    assert torch.equal(extract_features(net, test_x[:20]), extract_features(again, test_x[:20]))
-    # Other training data, other file; a corrupt file is retrained, not an error.
-    _, path3, _ = cached_classifier("fashion-mnist", train_x[:300], train_y[:300], recipe,
-                                    tmp_path)
-    assert path3 != path
-    path.write_bytes(b"not a checkpoint")
-    _, _, retrained = cached_classifier("fashion-mnist", train_x, train_y, recipe, tmp_path)
-    assert retrained
+def test_precision_and_recall_in_the_shipped_features(real_data_dir):
+    net, _ = shipped_feature_net("fashion-mnist")
+    test_x, _ = load_split("fashion-mnist", "test[:2000]", real_data_dir)
+    train_x, train_y = load_split("fashion-mnist", "train[:3000]", real_data_dir)
+    real = extract_features(net, test_x)
+    same = precision_recall(real, extract_features(net, train_x[:2000]))
+    assert same["precision"] > 0.7 and same["recall"] > 0.7
+    noise = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(real, extract_features(net, noise))["precision"] < 0.05
+    no_trousers = train_x[train_y != 1][:2000]  # one class never generated
+    dropped = precision_recall(real, extract_features(net, no_trousers))
+    assert dropped["recall"] < dropped["precision"] - 0.05
+
+
+def test_sample_quality_is_reproducible_and_cites_its_features(fashion):
+    train_x, train_y, test_x, test_y, other_x = fashion
+
+    def sample(n, gen):  # a "model": training images in a seeded order
+        return other_x[torch.randperm(len(other_x), generator=gen)[:n]].float() / 255
+
+    args = (sample, "fashion-mnist", (test_x, test_y), (train_x, train_y), other_x)
+    first = sample_quality(*args, n_samples=400)
+    assert first == sample_quality(*args, n_samples=400)
+    spec = SHIPPED["fashion-mnist"]
+    for score in ("frechet", "kid", "precision_recall"):
+        assert first[score]["features"] == f"{spec.name} sha256:{spec.sha256[:16]}"
+    assert first["features"]["sha256"] == spec.sha256
+    assert math.isfinite(first["kid"]["std"]) and first["kid"]["std"] > 0
+    # Training images score like the real-against-real floor.
+    assert first["frechet"]["distance"] < 3 * first["frechet"]["real_reference"] + 1
 
 
 def test_parzen_matches_direct_formula_and_ranks_samples(fashion):
@@ -130,10 +248,16 @@ def test_kernel_distance_matches_the_formula_and_is_unbiased():
     assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
     # Two samples of one distribution: about 0 within its spread; a shifted one: far above.
     real, other = torch.randn(2000, 8, generator=gen), torch.randn(2000, 8, generator=gen)
-    same, same_std = kernel_distance(real, other, subsets=20, subset_size=500, generator=gen)
+    same, same_std = kernel_distance(real, other, subsets=20, subset_size=500)
     assert abs(same) < 3 * same_std + 1e-3
-    shifted, _ = kernel_distance(real, other + 0.5, subsets=20, subset_size=500, generator=gen)
+    shifted, _ = kernel_distance(real, other + 0.5, subsets=20, subset_size=500)
     assert shifted > 10 * max(same_std, 1e-3)
+    # A set against itself (independent subsets of it): about 0, with its spread.
+    itself, itself_std = kernel_distance(real, real, subsets=20, subset_size=500)
+    assert 0 < itself_std < 0.05 and abs(itself) < 3 * itself_std
+    # Seeded: the same subsets, the same numbers.
+    assert kernel_distance(real, other, subsets=5, subset_size=100, seed=3) == \
+        kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
 
 
 def test_precision_and_recall_see_fidelity_and_diversity_apart():
@@ -147,3 +271,19 @@ def test_precision_and_recall_see_fidelity_and_diversity_apart():
     assert noise["precision"] < 0.1
     dropped = precision_recall(real, _clusters(2000, range(9), gen))  # class 9 never drawn
     assert dropped["precision"] > 0.8 and dropped["recall"] < dropped["precision"] - 0.05
+
+
+def test_precision_and_recall_match_a_direct_computation():
+    gen = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(40, 3, generator=gen), torch.randn(30, 3, generator=gen) + 0.5
+    k = 3
+
+    def share_inside(points, centres):  # by the definition, one point at a time
+        d = torch.cdist(centres.double(), centres.double())
+        radii = d.sort(dim=1).values[:, k]  # column 0 is the point itself
+        return np.mean([any(torch.dist(p.double(), c.double()) <= r
+                            for c, r in zip(centres, radii, strict=True)) for p in points])
+
+    got = precision_recall(real, fake, k)
+    assert got["precision"] == pytest.approx(share_inside(fake, real), abs=1e-12)
+    assert got["recall"] == pytest.approx(share_inside(real, fake), abs=1e-12)
