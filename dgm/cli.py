@@ -102,7 +102,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
                    help="VAE: also the naive prior-sampling estimate of report 1.4, which "
                         "costs as much as the IWAE one (default: on)")
     p.add_argument("--sample-quality", action="store_true",
-                   help="add the Frechet and Parzen scores for any model (always on for gan)")
+                   help="add Frechet and kernel distances, precision and recall (in the data "
+                        "set's shipped feature network) and the Parzen score for any model "
+                        "(always on for gan)")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
