@@ -11,7 +11,7 @@ from tqdm import tqdm
 from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
-from dgm.features import SHIPPED, shipped_feature_net
+from dgm.features import SHIPPED, local_feature_net, shipped_feature_net
 from dgm.maths import bits_per_dim
 from dgm.models import build_model
 from dgm.runs import (
@@ -92,8 +92,9 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
     if sample_quality and (y < 0).any():
         raise DgmError(f"--sample-quality needs class labels (its feature classifier learns "
                        f"them) and split {split!r} of {cfg.dataset} has none")
+    features = None
     if (name == "gan" or sample_quality) and cfg.dataset in SHIPPED:
-        shipped_feature_net(cfg.dataset)  # a changed weights file is refused before any work
+        features = shipped_feature_net(cfg.dataset)  # a changed file is refused before any work
     shared = split_overlap(cfg.dataset, split, cfg.train_split, data_dir, offline)
     if shared:
         results["warning"] = (f"{shared} of these {len(x)} images are in the training split "
@@ -113,7 +114,8 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
         results["sample_quality"] = "skipped: the data have no class labels, which its feature " \
                                     "classifier needs"
     elif name == "gan" or sample_quality:
-        results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet)
+        results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet,
+                                    features)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else
                                       f", dequantisation draws={dequant_samples})"
@@ -208,10 +210,11 @@ def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
 
 def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
                      data_dir: str | None = None, offline: bool = False,
-                     quiet: bool = False) -> dict:
+                     quiet: bool = False, features: tuple | None = None) -> dict:
     """Frechet and kernel distances, precision and recall and the Parzen log-likelihood of
-    a model's samples against the test images, in the data set's shipped feature network
-    (else one trained on the run's training split; see :func:`dgm.quality.sample_quality`)."""
+    a model's samples against the test images, in ``features`` (the data set's shipped
+    network and its description), else in a network trained on the run's training split
+    and cached (see :func:`dgm.quality.sample_quality`)."""
     from dgm.quality import sample_quality
 
     dev = x_uint8.device
@@ -220,9 +223,11 @@ def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
     if (train_y < 0).any():
         raise DgmError(f"sample quality needs class labels (its feature classifier learns them) "
                        f"and training split {cfg.train_split!r} of {cfg.dataset} has none")
-    if not quiet and cfg.dataset not in SHIPPED:
-        print(f"dgm: sample quality: {cfg.dataset} has no shipped feature network; one is "
-              "trained on the training split once, then cached", file=sys.stderr)
-    return sample_quality(lambda n, gen: model.sample(n, generator=gen), cfg.dataset,
-                          (x_uint8, labels), (train_x.to(dev), train_y.to(dev)), val_x.to(dev),
-                          seed=EVAL_SEED, quiet=quiet)
+    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    if features is None:
+        if not quiet:
+            print(f"dgm: sample quality: {cfg.dataset} has no shipped feature network; one is "
+                  "trained on the training split once, then cached", file=sys.stderr)
+        features = local_feature_net(cfg.dataset, train_x, train_y, quiet=quiet)
+    return sample_quality(lambda n, gen: model.sample(n, generator=gen), features,
+                          (x_uint8, labels), train_x, val_x.to(dev), seed=EVAL_SEED)

@@ -33,7 +33,7 @@ from dgm.errors import DgmError
 from dgm.runs import atomic_write
 
 __all__ = ["SHIPPED", "WEIGHTS_DIR", "FeatureNet", "Recipe", "Shipped", "accuracy",
-           "extract_features", "feature_net", "load_weights", "local_feature_net",
+           "extract_features", "load_weights", "local_feature_net",
            "shipped_feature_net", "train_feature_net", "weights_bytes"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -202,17 +202,6 @@ def local_feature_net(dataset: str, x: torch.Tensor, labels: torch.Tensor,
         "name": name, "sha256": digest, "file": str(path),
         "source": "trained on this machine from the run's training split: compare only "
                   "with scores made with this same file"}
-
-
-def feature_net(dataset: str, train: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quiet: bool = True) -> tuple[FeatureNet, dict]:
-    """The shipped network of a built-in data set, else a cached one trained on ``train``."""
-    if dataset in SHIPPED:
-        return shipped_feature_net(dataset)
-    if train is None:
-        raise DgmError(f"data set {dataset!r} has no shipped feature network; its training "
-                       "images and labels are needed to train one")
-    return local_feature_net(dataset, *train, quiet=quiet)
 
 
 @torch.no_grad()

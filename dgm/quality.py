@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dgm.features import accuracy, extract_features, feature_net
+from dgm.features import FeatureNet, accuracy, extract_features
 from dgm.maths import bits_per_dim
 
 __all__ = ["PARZEN_NOTE", "frechet_distance", "kernel_distance", "parzen_log_likelihood",
@@ -154,24 +154,22 @@ def parzen_log_likelihood(samples: torch.Tensor, val: torch.Tensor, test: torch.
 
 
 @torch.no_grad()
-def sample_quality(sample: Callable[[int, torch.Generator], torch.Tensor], dataset: str,
-                   test: tuple[torch.Tensor, torch.Tensor],
-                   train: tuple[torch.Tensor, torch.Tensor], val: torch.Tensor,
-                   n_samples: int = 10000, seed: int = 1234, n_parzen_val: int = 1000,
-                   quiet: bool = True) -> dict:
+def sample_quality(sample: Callable[[int, torch.Generator], torch.Tensor],
+                   features: tuple[FeatureNet, dict], test: tuple[torch.Tensor, torch.Tensor],
+                   train_x: torch.Tensor, val: torch.Tensor, n_samples: int = 10000,
+                   seed: int = 1234, n_parzen_val: int = 1000) -> dict:
     """Frechet and kernel distances, precision and recall of a sampler, each beside its
     real-against-real floor and with the feature network's name and hash; the network's
     accuracy on the test images; the Parzen log-likelihood.
 
-    ``sample(n, generator)`` returns n images (n, C, H, W) in [0, 1]; ``test`` and
-    ``train`` are (uint8 images, labels) on the device to use (``train`` trains the
-    feature network of a data set that has no shipped one), ``val`` uint8 images for
-    choosing the Parzen bandwidth. The floors score as many training images as there are
-    test images: what a perfect sampler would score, given the finite sample sizes.
+    ``sample(n, generator)`` returns n images (n, C, H, W) in [0, 1]; ``features`` is a
+    network and its description from :mod:`dgm.features`; ``test`` is (uint8 images,
+    labels) on the device to use, ``train_x`` and ``val`` uint8 images. The floors score
+    as many training images as there are test images: what a perfect sampler would score,
+    given the finite sample sizes; ``val`` chooses the Parzen bandwidth.
     """
     test_x, test_y = test
-    train_x, _ = train
-    net, info = feature_net(dataset, train, quiet)
+    net, info = features
     net = net.to(test_x.device)
     cite = f"{info['name']} sha256:{info['sha256'][:16]}"
     gen = torch.Generator(test_x.device).manual_seed(seed)

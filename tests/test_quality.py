@@ -199,7 +199,7 @@ def test_sample_quality_is_reproducible_and_cites_its_features(fashion):
     def sample(n, gen):  # a "model": training images in a seeded order
         return other_x[torch.randperm(len(other_x), generator=gen)[:n]].float() / 255
 
-    args = (sample, "fashion-mnist", (test_x, test_y), (train_x, train_y), other_x)
+    args = (sample, shipped_feature_net("fashion-mnist"), (test_x, test_y), train_x, other_x)
     first = sample_quality(*args, n_samples=400)
     assert first == sample_quality(*args, n_samples=400)
     spec = SHIPPED["fashion-mnist"]
