@@ -4,17 +4,23 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from dgm import interrupts
 from dgm.config import CONFIGS, MAX_SEED, config_class, field_type, from_dict, validate
 from dgm.errors import DgmError
 
 # Options of a run that may change when it is resumed; the rest define the run.
 RESUMABLE = {"epochs", "device", "data_dir", "offline", "precision", "compile", "sample_epochs",
              "tensorboard", "threads", "patience"}
+
+
+RUN_HELP = ("a run folder, a file that 'dgm export' packed, or zoo:NAME (a trained model "
+            "that ships with dgm; see dgm zoo)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,7 +94,7 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
         m.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test metrics of a run (printed and saved as JSON)")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--split", help="data split (default: the run's test_split)")
     p.add_argument("--iw-samples", type=int, default=5000, metavar="K",
                    help="importance samples per image for log p(x) (default 5000)")
@@ -108,17 +114,23 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="a grid of samples from a trained run")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--out", required=True, metavar="FILE.png", type=_path)
+    p = sub.add_parser("sample", help="samples from a trained run: a grid, or an .npz to score")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("-n", type=int, default=64,
+                   help="number of samples (default 64; at most 4096 in a grid, 100000 in an "
+                        ".npz)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="random seed (default 0; 1234 draws the samples dgm evaluate scores)")
+    p.add_argument("--out", metavar="FILE.png", type=_path, help="a grid of the samples")
+    p.add_argument("--npz", metavar="FILE.npz", type=_path,
+                   help="the samples as one float32 array (N, H, W) or (N, H, W, C) in [0, 1], "
+                        "for dgm score; a new file")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("manifold", help="the learned 2-D manifold of a VAE with latent_dim 2")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--size", type=int, default=20, help="rows and columns (default 20)")
     p.add_argument("--out", required=True, metavar="FILE.png", type=_path)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
@@ -131,13 +143,43 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("report", help="a self-contained HTML page of one run, or several compared")
-    p.add_argument("runs", metavar="RUN", nargs="+")
+    p.add_argument("runs", metavar="RUN", nargs="+", help=RUN_HELP)
     p.add_argument("--out", metavar="FILE.html",
-                   help="where to write (default RUN/report.html; required for several runs)")
+                   help="where to write (default RUN/report.html; required for several runs "
+                        "and for a packed run)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("score", help="sample quality of anyone's samples, in the data set's "
+                                     "shipped feature network")
+    p.add_argument("samples", metavar="SAMPLES",
+                   help="an .npz holding one array (uint8 images (N, H, W) or (N, H, W, C), or "
+                        "floats in [0, 1]) or a folder of PNGs, from any model")
+    p.add_argument("--dataset", required=True, help="a data set with a shipped feature network: "
+                                                    "mnist or fashion-mnist")
+    p.add_argument("--split", default="test", help="the real images to compare with "
+                                                   "(default test)")
+    p.add_argument("--train-split", default="train[:90%]",
+                   help="real images for the real-against-real floors (default train[:90%%], "
+                        "as dgm train)")
+    p.add_argument("--val-split", default="train[90%:]",
+                   help="images that choose the Parzen bandwidth (default train[90%%:])")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    _add_common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="pack a run into one file (weights, config, metrics, "
+                                      "evaluations) that is read wherever a run folder is")
+    p.add_argument("run", metavar="RUN", help="a run folder")
+    p.add_argument("file", metavar="FILE.safetensors", type=_path, help="a new file")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("zoo", help="the trained models that ship with dgm (zoo:NAME)")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.set_defaults(func=cmd_zoo)
+
     p = sub.add_parser("interpolate", help="rows of latent interpolations (report Figure 6)")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--rows", type=int, default=8, help="number of paths (default 8)")
     p.add_argument("--steps", type=int, default=9, help="images per path (default 9)")
     p.add_argument("--method", choices=("cdf", "slerp"), default="cdf",
@@ -182,6 +224,7 @@ def cmd_train(args) -> int:
         cfg = validate(dataclasses.replace(cfg, **flags))
     else:
         values = read_yaml(args.config) if args.config else {}
+        values.pop("format_version", None)  # a run's own config.yaml may serve as --config
         if values.pop("model", args.model) != args.model:
             raise DgmError(f"{args.config} is a config for another model, not {args.model}")
         cfg = from_dict(args.model, {**values, **flags}, source=args.config or "flags")
@@ -196,27 +239,34 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from dgm.evaluate import evaluate_run
+    from dgm.zoo import is_packed, open_run
 
     if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5
             and 1 <= args.dequant_samples <= 10 ** 4):
         raise DgmError("--iw-samples must lie in 1..1000000, --dequant-samples in 1..10000 "
                        "and --batch-size in 1..100000")
-    results = evaluate_run(args.run, args.split, args.iw_samples, args.batch_size, args.device,
-                           args.data_dir, args.offline, args.checkpoint,
-                           quiet=args.quiet or args.json, sample_quality=args.sample_quality,
-                           naive=args.naive, dequant_samples=args.dequant_samples)
+    with open_run(args.run) as run:
+        results = evaluate_run(run, args.split, args.iw_samples, args.batch_size, args.device,
+                               args.data_dir, args.offline, args.checkpoint,
+                               quiet=args.quiet or args.json, sample_quality=args.sample_quality,
+                               naive=args.naive, dequant_samples=args.dequant_samples)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
+    _print_results(results)
+    print(f"not saved: {args.run} is a packed run, not a run folder" if is_packed(args.run)
+          else f"saved {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def _print_results(results: dict) -> None:
     for key, value in results.items():
         if isinstance(value, dict):
             print(f"{key:>8}: " + "  ".join(f"{k} {_fmt(v)}" for k, v in value.items()))
         else:
             print(f"{key:>8}: {value}")
-    print(f"saved {Path(args.run) / 'evaluation.json'}")
-    return 0
 
 
 def _fmt(v) -> str:
@@ -224,26 +274,60 @@ def _fmt(v) -> str:
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
     import torch
 
     from dgm.evaluate import load_model
     from dgm.plots import save_grid
+    from dgm.quality import draw_samples
+    from dgm.runs import atomic_write
+    from dgm.zoo import open_run
 
-    if not 1 <= args.n <= 4096:
-        raise DgmError("-n must lie in 1..4096")
-    _, _, model, _ = load_model(args.run, args.checkpoint, args.device)
+    if args.out is None and args.npz is None:
+        raise DgmError("say where the samples go: --out FILE.png (a grid), --npz FILE.npz, "
+                       "or both")
+    if not 1 <= args.n <= (4096 if args.out else 100000):
+        raise DgmError(f"-n must lie in 1..{4096 if args.out else 100000}"
+                       + (" for a grid (--out)" if args.out else ""))
+    out = _png(args.out) if args.out else None
+    npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
+    with open_run(args.run) as run:
+        _, _, model, _ = load_model(run, args.checkpoint, args.device)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
-    print(save_grid(model.sample(args.n, generator=gen), _png(args.out)))
+    samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
+    if out:
+        print(save_grid(samples, out))
+    if npz:
+        array = samples.cpu().numpy().transpose(0, 2, 3, 1)  # (N, H, W, C), as images are kept
+        array = array[..., 0] if array.shape[-1] == 1 else array
+
+        def write(f):
+            np.savez(f, samples=array)
+
+        atomic_write(npz, write)
+        print(npz)
     return 0
+
+
+def _new_file(path: str, suffix: str, flag: str) -> Path:
+    """A file that dgm may create: the right suffix, and nothing of yours there already."""
+    if not path.lower().endswith(suffix):
+        raise DgmError(f"{flag} {path} must end in {suffix}")
+    if Path(path).exists():
+        raise DgmError(f"{flag} {path} exists already; dgm does not overwrite it: choose "
+                       "another name or delete it")
+    return Path(path)
 
 
 def cmd_manifold(args) -> int:
     from dgm.evaluate import load_model
     from dgm.plots import save_grid
+    from dgm.zoo import open_run
 
     if not 2 <= args.size <= 100:
         raise DgmError("--size must lie in 2..100")
-    name, cfg, model, _ = load_model(args.run, args.checkpoint, args.device)
+    with open_run(args.run) as run:
+        name, cfg, model, _ = load_model(run, args.checkpoint, args.device)
     if getattr(model, "latent_dim", None) != 2 or not hasattr(model, "manifold"):
         raise DgmError(f"{args.run} is not a VAE with latent_dim 2; train one with "
                        "dgm train vae --latent-dim 2")
@@ -281,11 +365,58 @@ def cmd_data(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from dgm.evaluate import draw_pictures
     from dgm.report import write_report
+    from dgm.zoo import is_packed, open_run
 
     if args.out is not None and not args.out.lower().endswith(".html"):
         raise DgmError(f"--out {args.out} must end in .html")
-    print(write_report(args.runs, args.out))
+    packed = [r for r in args.runs if is_packed(r)]
+    if packed and args.out is None:
+        raise DgmError(f"{packed[0]} is a packed run, not a run folder; give --out FILE.html")
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(open_run(r)) for r in args.runs]
+        for source, run in zip(args.runs, runs, strict=True):
+            if is_packed(source):  # it holds no pictures: draw what its last epoch drew
+                draw_pictures(run)
+        print(write_report(runs, args.out, names=args.runs if packed else None))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from dgm.evaluate import score_samples
+
+    results = score_samples(args.samples, args.dataset, args.split, args.train_split,
+                            args.val_split, args.device, args.data_dir, args.offline)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        _print_results(results)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from dgm.evaluate import export_run
+
+    out = _new_file(args.file, ".safetensors", "FILE")
+    export_run(args.run, out, args.checkpoint)
+    print(out)
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    import dataclasses as dc
+
+    from dgm.zoo import ZOO
+
+    if args.json:
+        print(json.dumps([dc.asdict(m) for m in ZOO.values()], indent=2))
+        return 0
+    if not ZOO:
+        print("no trained models ship with this dgm yet")
+    for m in ZOO.values():
+        print(f"zoo:{m.name}\n  data:    {m.data}\n  recipe:  {m.recipe}\n"
+              f"  results: {m.results}\n  sha256:  {m.sha256}")
     return 0
 
 
@@ -295,11 +426,13 @@ def cmd_interpolate(args) -> int:
     from dgm.evaluate import load_model
     from dgm.interpolation import interpolation_rows
     from dgm.plots import save_grid
+    from dgm.zoo import open_run
 
     if not (1 <= args.rows <= 64 and 2 <= args.steps <= 64):
         raise DgmError("--rows must lie in 1..64 and --steps in 2..64")
     out = _png(args.out)
-    name, _, model, _ = load_model(args.run, args.checkpoint, args.device)
+    with open_run(args.run) as run:
+        name, _, model, _ = load_model(run, args.checkpoint, args.device)
     shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
     missing = [what for what, ok in (("latent_dim or latent_shape", shape != (None,)),
                                      ("generate(z)", hasattr(model, "generate"))) if not ok]
@@ -334,27 +467,35 @@ def _own_model(argv: list[str]) -> tuple[str | None, list[str]]:
     return (argv[1], argv) if ":" in argv[1] else (None, argv)
 
 
+def _import_libraries() -> None:
+    """Import the heavy libraries (torch, numpy, matplotlib, torchmetrics) now, while
+    interrupts are held (see :func:`dgm.interrupts.held`), not in the middle of a command."""
+    import dgm.evaluate  # noqa: F401
+    import dgm.plots
+    import dgm.quality  # noqa: F401
+    import dgm.train  # noqa: F401
+
+    dgm.plots._pyplot()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        own, argv = _own_model(argv)
-        args = build_parser(own).parse_args(argv)
-    except DgmError as e:  # your own model could not be imported
-        print(f"dgm: error: {e}", file=sys.stderr)
-        return e.exit_code
-    try:
+        with interrupts.held():
+            own, argv = _own_model(argv)
+            args = build_parser(own).parse_args(argv)
+            _import_libraries()
         return args.func(args)
     except DgmError as e:
         print(f"dgm: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while torch is imported, before any work began
         print("dgm: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         print(f"dgm: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -159,6 +159,8 @@ def _check(name: str, value, f: dataclasses.Field):
             raise DgmError(f"option {name} must be a list of epochs (integers >= 0), "
                            f"got {value!r}")
         return value
+    if base is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1e1 in a YAML file is the float 10.0; as a count it is whole
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dgm.data import load_split, split_overlap
+from dgm.data import load_split, read_samples, split_overlap
 from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
 from dgm.features import SHIPPED, local_feature_net, shipped_feature_net
@@ -19,11 +19,15 @@ from dgm.runs import (
     load_checkpoint,
     load_config,
     load_weights,
+    pack_run,
     read_evaluations,
+    read_metrics,
     save_evaluation,
 )
+from dgm.zoo import open_run
 
-__all__ = ["evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae", "load_model"]
+__all__ = ["draw_pictures", "evaluate_flow", "evaluate_quality", "evaluate_run",
+           "evaluate_vae", "export_run", "load", "load_model", "score_samples"]
 
 # Test images are binarised / dequantised with this seed in every run, so numbers compare.
 EVAL_SEED = 1234
@@ -46,6 +50,73 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
                                        if k.startswith("module.")}}
     load_weights(model, ckpt, path)
     return name, cfg, model.to(dev).eval(), ckpt
+
+
+def load(source: str | Path, checkpoint: str = "best", device: str = "cpu") -> torch.nn.Module:
+    """The trained model of a run folder, a file that ``dgm export`` packed, or ``zoo:NAME``
+    (a model that ships with dgm), in eval mode.
+
+    >>> import dgm
+    >>> dgm.load("runs/no-such-run")
+    Traceback (most recent call last):
+    dgm.errors.DgmError: runs/no-such-run is not a dgm run folder (no config.yaml); ...
+    """
+    with open_run(source) as run:
+        return load_model(run, checkpoint, device)[2]
+
+
+def export_run(run: str | Path, out: str | Path, checkpoint: str = "best") -> None:
+    """Pack a run folder into one file: the weights that evaluation uses (the moving average
+    with ``--ema``), config, metrics and evaluations (:func:`dgm.runs.pack_run`)."""
+    run = Path(run)
+    _, _, model, ckpt = load_model(run, checkpoint, "cpu")
+    pack_run(run, Path(out), model.state_dict(), ckpt)
+
+
+def draw_pictures(run: Path) -> None:
+    """The curves and the sample grid that the run's last epoch drew (its seed, its size),
+    into ``run``: for a packed run, which holds none."""
+    from dgm.plots import plot_curves, save_grid
+
+    name, cfg, model, ckpt = load_model(run)
+    plot_curves(read_metrics(run), model.curves, run / "curves.png",
+                title=f"{name} on {cfg.dataset}")
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+    save_grid(model.sample(cfg.num_samples, generator=gen),
+              run / "samples" / f"epoch_{ckpt['epoch']:03d}.png")
+
+
+def score_samples(path: str | Path, dataset: str, split: str = "test",
+                  train_split: str = "train[:90%]", val_split: str = "train[90%:]",
+                  device: str = "auto", data_dir: str | None = None,
+                  offline: bool = False) -> dict:
+    """Sample-quality scores of anyone's samples (an .npz or a PNG folder, see
+    :func:`dgm.data.read_samples`) against ``split`` of a built-in data set, in its shipped
+    feature network: the scores of ``dgm evaluate --sample-quality`` for the same images."""
+    from dgm.quality import sample_quality
+
+    if dataset not in SHIPPED:
+        raise DgmError(f"dgm score rates samples in a data set's shipped feature network, and "
+                       f"{dataset!r} has none; give --dataset {' or '.join(SHIPPED)}")
+    features = shipped_feature_net(dataset)
+    fakes = read_samples(path)
+    x, y = load_split(dataset, split, data_dir, offline)
+    if tuple(fakes.shape[1:]) != tuple(x.shape[1:]):
+        raise DgmError(f"{path} holds images of shape {tuple(fakes.shape[1:])} (C, H, W), but "
+                       f"{dataset} has {tuple(x.shape[1:])}")
+    if len(fakes) < 4:
+        raise DgmError(f"{path} holds {len(fakes)} images; scores need at least 4 (precision "
+                       "and recall need k + 1 = 4), and 10000 are the usual count")
+    dev = resolve_device(device)
+    train_x, _ = load_split(dataset, train_split, data_dir, offline)
+    val_x, _ = load_split(dataset, val_split, data_dir, offline)
+    t0 = time.perf_counter()
+    results = {"samples": str(path), "n_samples": len(fakes), "dataset": dataset,
+               "split": split, "n_images": len(x)}
+    results |= sample_quality(fakes.to(dev), features, (x.to(dev), y.to(dev)),
+                              train_x.to(dev), val_x.to(dev), seed=EVAL_SEED)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    return json_safe(results)
 
 
 def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 5000,
@@ -210,12 +281,13 @@ def evaluate_flow(model, x_uint8: torch.Tensor, batch_size: int = 100,
 
 def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
                      data_dir: str | None = None, offline: bool = False,
-                     quiet: bool = False, features: tuple | None = None) -> dict:
+                     quiet: bool = False, features: tuple | None = None,
+                     n_samples: int = 10000) -> dict:
     """Frechet and kernel distances, precision and recall and the Parzen log-likelihood of
     a model's samples against the test images, in ``features`` (the data set's shipped
     network and its description), else in a network trained on the run's training split
     and cached (see :func:`dgm.quality.sample_quality`)."""
-    from dgm.quality import sample_quality
+    from dgm.quality import draw_samples, sample_quality
 
     dev = x_uint8.device
     train_x, train_y = load_split(cfg.dataset, cfg.train_split, data_dir, offline)
@@ -229,5 +301,7 @@ def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
             print(f"dgm: sample quality: {cfg.dataset} has no shipped feature network; one is "
                   "trained on the training split once, then cached", file=sys.stderr)
         features = local_feature_net(cfg.dataset, train_x, train_y, quiet=quiet)
-    return sample_quality(lambda n, gen: model.sample(n, generator=gen), features,
-                          (x_uint8, labels), train_x, val_x.to(dev), seed=EVAL_SEED)
+    gen = torch.Generator(dev).manual_seed(EVAL_SEED)
+    fakes = draw_samples(lambda n, g: model.sample(n, generator=g), n_samples, gen)
+    return sample_quality(fakes, features, (x_uint8, labels), train_x, val_x.to(dev),
+                          seed=EVAL_SEED)

@@ -143,7 +143,8 @@ def parzen_log_likelihood(samples: torch.Tensor, val: torch.Tensor, test: torch.
     dims = test[0].numel()
     mean = test_ll.mean().item()
     return {"log_px_nats": mean,
-            "sem_nats": (test_ll.std() / math.sqrt(len(test_ll))).item(),
+            "sem_nats": (test_ll.std() / math.sqrt(len(test_ll))).item()
+            if len(test_ll) > 1 else math.nan,
             # The density is on [0, 1]-scaled pixels; on the 0..255 scale it is 255^-D
             # smaller (D log 255 nats more), which makes it comparable with flows' numbers.
             "bits_per_dim": bits_per_dim(-mean + dims * math.log(255), dims),
@@ -154,44 +155,76 @@ def parzen_log_likelihood(samples: torch.Tensor, val: torch.Tensor, test: torch.
 
 
 @torch.no_grad()
-def sample_quality(sample: Callable[[int, torch.Generator], torch.Tensor],
-                   features: tuple[FeatureNet, dict], test: tuple[torch.Tensor, torch.Tensor],
-                   train_x: torch.Tensor, val: torch.Tensor, n_samples: int = 10000,
-                   seed: int = 1234, n_parzen_val: int = 1000) -> dict:
-    """Frechet and kernel distances, precision and recall of a sampler, each beside its
-    real-against-real floor and with the feature network's name and hash; the network's
+def draw_samples(sample: Callable[[int, torch.Generator], torch.Tensor], n: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """n images from ``sample(n, generator)`` in batches of 1000 (so that memory stays small
+    and every caller draws the same images from the same seed): float32 in [0, 1]."""
+    return torch.cat([sample(min(1000, n - i), generator).float().clamp(0, 1)
+                      for i in range(0, n, 1000)])
+
+
+@torch.no_grad()
+def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
+                   test: tuple[torch.Tensor, torch.Tensor], train_x: torch.Tensor,
+                   val: torch.Tensor, seed: int = 1234, n_parzen_val: int = 1000) -> dict:
+    """Frechet and kernel distances, precision and recall of generated images, each beside
+    its real-against-real floor and with the feature network's name and hash; the network's
     accuracy on the test images; the Parzen log-likelihood.
 
-    ``sample(n, generator)`` returns n images (n, C, H, W) in [0, 1]; ``features`` is a
-    network and its description from :mod:`dgm.features`; ``test`` is (uint8 images,
-    labels) on the device to use, ``train_x`` and ``val`` uint8 images. The floors score
-    as many training images as there are test images: what a perfect sampler would score,
-    given the finite sample sizes; ``val`` chooses the Parzen bandwidth.
+    ``fakes`` are images (N, C, H, W) in [0, 1] from any sampler (:func:`draw_samples` draws
+    them from a model); ``features`` is a network and its description from
+    :mod:`dgm.features`; ``test`` is (uint8 images, labels) on the device to use,
+    ``train_x`` and ``val`` uint8 images. The floors score as many training images as there
+    are test images, drawn with ``seed`` alone (so they do not depend on the sampler): what a
+    perfect sampler would score, given the finite sample sizes; ``val`` chooses the Parzen
+    bandwidth.
     """
     test_x, test_y = test
     net, info = features
     net = net.to(test_x.device)
+    fakes = fakes.to(test_x.device)
+    n_samples = len(fakes)
     cite = f"{info['name']} sha256:{info['sha256'][:16]}"
-    gen = torch.Generator(test_x.device).manual_seed(seed)
-    fakes = torch.cat([sample(min(1000, n_samples - i), gen).float().clamp(0, 1)
-                       for i in range(0, n_samples, 1000)])
+    gen = torch.Generator(train_x.device).manual_seed(seed)
     ref_idx = torch.randperm(len(train_x), generator=gen, device=train_x.device)[:len(test_x)]
     f_test, f_fake = extract_features(net, test_x), extract_features(net, fakes)
     f_ref = extract_features(net, train_x[ref_idx])
-    kid, kid_std = kernel_distance(f_test, f_fake, seed=seed)
-    kid_ref, kid_ref_std = kernel_distance(f_test, f_ref, seed=seed)
-    pr, pr_ref = precision_recall(f_test, f_fake), precision_recall(f_test, f_ref)
-    return {
-        "features": {**info, "test_accuracy": accuracy(net, test_x, test_y)},
-        "frechet": {"distance": frechet_distance(f_test, f_fake),
-                    "real_reference": frechet_distance(f_test, f_ref),
-                    "n_generated": n_samples, "n_test": len(test_x), "features": cite},
-        "kid": {"mean": kid, "std": kid_std, "real_reference": kid_ref,
-                "real_reference_std": kid_ref_std, "subsets": 100,
-                "subset_size": min(1000, len(test_x), n_samples), "features": cite},
-        "precision_recall": {"precision": pr["precision"], "recall": pr["recall"],
-                             "real_precision": pr_ref["precision"],
-                             "real_recall": pr_ref["recall"], "k": pr["k"], "features": cite},
-        "parzen": parzen_log_likelihood(fakes, val[:n_parzen_val].double() / 255,
-                                        test_x.double() / 255),
-    }
+    n_test, k = len(test_x), 3
+    few = _too_few(n_test, n_samples, {"frechet": 2, "kid": 2, "precision_recall": k + 1})
+    scores = {"features": {**info, "test_accuracy": accuracy(net, test_x, test_y)}}
+    frechet = {"n_generated": n_samples, "n_test": n_test, "features": cite}
+    if "frechet" in few:
+        scores["frechet"] = {"distance": None, "real_reference": None, **frechet,
+                             "note": few["frechet"]}
+    else:
+        scores["frechet"] = {"distance": frechet_distance(f_test, f_fake),
+                             "real_reference": frechet_distance(f_test, f_ref), **frechet}
+    kid = {"subsets": 100, "subset_size": min(1000, n_test, n_samples), "features": cite}
+    if "kid" in few:
+        scores["kid"] = {"mean": None, "std": None, "real_reference": None,
+                         "real_reference_std": None, **kid, "note": few["kid"]}
+    else:
+        mean, std = kernel_distance(f_test, f_fake, seed=seed)
+        ref, ref_std = kernel_distance(f_test, f_ref, seed=seed)
+        scores["kid"] = {"mean": mean, "std": std, "real_reference": ref,
+                         "real_reference_std": ref_std, **kid}
+    if "precision_recall" in few:
+        scores["precision_recall"] = {"precision": None, "recall": None, "real_precision": None,
+                                      "real_recall": None, "k": k, "features": cite,
+                                      "note": few["precision_recall"]}
+    else:
+        pr, ref = precision_recall(f_test, f_fake, k), precision_recall(f_test, f_ref, k)
+        scores["precision_recall"] = {"precision": pr["precision"], "recall": pr["recall"],
+                                      "real_precision": ref["precision"],
+                                      "real_recall": ref["recall"], "k": k, "features": cite}
+    scores["parzen"] = parzen_log_likelihood(fakes, val[:n_parzen_val].double() / 255,
+                                             test_x.double() / 255)
+    return scores
+
+
+def _too_few(n_test: int, n_generated: int, least: dict[str, int]) -> dict[str, str]:
+    """A note for each score that needs more images per set than there are: a covariance
+    needs 2, the unbiased kernel distance 2 per subset, a k-th neighbour k + 1."""
+    return {name: f"not computed: it needs at least {n} test and {n} generated images, "
+                  f"got {n_test} and {n_generated}"
+            for name, n in least.items() if min(n_test, n_generated) < n}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dgm.errors import DgmError
 from dgm.plots import plot_compare
-from dgm.runs import atomic_write, read_evaluations, read_metrics, read_yaml
+from dgm.runs import atomic_write, is_dgm_run, read_evaluations, read_metrics, read_yaml
 
 __all__ = ["write_report"]
 
@@ -91,9 +91,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _load(run: Path) -> dict:
-    if not (run / "config.yaml").is_file():
-        raise DgmError(f"{run} is not a dgm run folder (no config.yaml); "
-                       "give the folder that 'dgm train' wrote")
+    if not is_dgm_run(run):
+        why = "its config.yaml is not dgm's" if (run / "config.yaml").is_file() else \
+            "no config.yaml"
+        raise DgmError(f"{run} is not a dgm run folder ({why}); give the folder that "
+                       "'dgm train' wrote")
     return {"config": read_yaml(run / "config.yaml"), "metrics": read_metrics(run),
             "evaluation": read_evaluations(run)}
 
@@ -142,26 +144,32 @@ def _labels(runs: list[Path]) -> dict[Path, str]:
     raise AssertionError("distinct resolved paths always have distinct suffixes")
 
 
-def write_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
+def write_report(runs: list[str | Path], out: str | Path | None = None,
+                 names: list[str] | None = None) -> Path:
     """Write the HTML report of one run (default ``RUN/report.html``) or a comparison of several.
 
     A comparison puts every metric the runs share on one plot per metric and their last epoch
-    and evaluation side by side; it needs ``out``.
+    and evaluation side by side; it needs ``out``. ``names`` label the runs in place of their
+    paths (a packed run's folder is a temporary one).
     """
     runs = [Path(r) for r in runs]
     infos = {r: _load(r) for r in runs}
+    if names is not None and len(set(names)) < len(names):
+        raise DgmError("the same run is named twice; give each run once")
     if len(runs) == 1:
         run = runs[0]
         out = Path(out) if out else run / "report.html"
         cfg = infos[run]["config"]
-        title = f"dgm {cfg.get('model', '?')} on {cfg.get('dataset', '?')}: {run.name}"
-        page = _page(title, f"<p class=muted>{html.escape(str(run.resolve()))}</p>"
+        where = names[0] if names else str(run.resolve())
+        title = f"dgm {cfg.get('model', '?')} on {cfg.get('dataset', '?')}: " + (
+            names[0] if names else run.name)
+        page = _page(title, f"<p class=muted>{html.escape(where)}</p>"
                             + _run_sections(run, infos[run]))
     else:
         if out is None:
             raise DgmError("comparing runs needs --out FILE.html")
         out = Path(out)
-        labels = _labels(runs)
+        labels = dict(zip(runs, names, strict=True)) if names else _labels(runs)
         series = {labels[r]: infos[r]["metrics"] for r in runs}
         summary = {}
         for r in runs:

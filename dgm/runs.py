@@ -9,6 +9,7 @@ moment leaves the previous version of each file intact.
 
 import csv
 import dataclasses
+import errno
 import fcntl
 import io
 import json
@@ -16,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,31 +29,55 @@ import yaml
 from dgm.config import TrainConfig, from_dict
 from dgm.errors import DgmError
 
-__all__ = ["FORMAT_VERSION", "RunLock", "check_run_folder", "load_checkpoint", "load_config",
-           "json_safe", "load_weights", "read_evaluations", "read_metrics", "remove_stale_temps",
-           "save_evaluation", "save_checkpoint", "save_config",
-           "write_metrics"]
+__all__ = ["FORMAT_VERSION", "DiskFull", "RunLock", "check_run_folder", "is_dgm_run",
+           "json_safe", "load_checkpoint", "load_config", "load_weights", "read_evaluations",
+           "read_metrics", "remove_stale_temps", "save_checkpoint", "save_config",
+           "save_evaluation", "write_metrics"]
 
 FORMAT_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
-    """Write a file through ``write(f)`` so readers see the old or new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class DiskFull(DgmError):
+    """The disk filled while dgm wrote a file; the file's previous version is intact."""
+
+
+def _free_space(folder: Path) -> str:
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if free < 1024 or unit == "GB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+
+
+def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
+    """Write a file through ``write(f)`` so readers see the old or new file, never half.
+
+    A full disk leaves the old file and no temporary one, and ends in :class:`DiskFull`
+    naming the file and the free space."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(f"the disk is full: could not write {path} ({_free_space(path.parent)} "
+                       "free there); its previous version is kept; free some space") from None
 
 
 # The folders of a run that dgm writes into, and the temporary names atomic_write gives.
@@ -68,11 +94,33 @@ def remove_stale_temps(run: Path) -> None:
                 p.unlink()
 
 
+def is_dgm_run(run: Path) -> bool:
+    """Whether ``run`` is a folder that dgm wrote, by what only dgm writes: a config.yaml
+    that carries dgm's ``format_version``, or (runs of dgm 0.1.0, whose config had none) a
+    last checkpoint that is dgm's. A file named config.yaml alone proves nothing."""
+    config = run / "config.yaml"
+    if not (run.is_dir() and config.is_file()):
+        return False
+    try:
+        with open(config) as f:
+            values = yaml.load(f, Loader=_Loader)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        values = None  # an edited config of a run is still a run: its checkpoint says so
+    if isinstance(values, dict) and "model" in values and isinstance(
+            values.get("format_version"), int) and not isinstance(values["format_version"], bool):
+        return True
+    try:
+        load_checkpoint(run / "checkpoints" / "last.pt")
+    except DgmError:
+        return False
+    return True
+
+
 def check_run_folder(run: Path) -> None:
     """Refuse to write a new run into anything but a new or empty folder or a dgm run."""
     if run.exists() and not run.is_dir():
         raise DgmError(f"--out {run} is a file, not a folder; choose another --out")
-    if run.is_dir() and not (run / "config.yaml").is_file() and any(run.iterdir()):
+    if run.is_dir() and any(run.iterdir()) and not is_dgm_run(run):
         raise DgmError(f"--out {run} is a folder that holds other files and is not a dgm run; "
                        "dgm writes only into a new or empty folder: choose another --out")
 
@@ -86,15 +134,28 @@ def default_run_dir(model: str, dataset: str) -> Path:
 
 
 def save_config(run: Path, model: str, cfg: TrainConfig) -> None:
-    text = yaml.safe_dump({"model": model, **dataclasses.asdict(cfg)}, sort_keys=False)
+    text = yaml.safe_dump({"model": model, "format_version": FORMAT_VERSION,
+                           **dataclasses.asdict(cfg)}, sort_keys=False)
     atomic_write(run / "config.yaml", lambda f: f.write(text), mode="w")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where a float needs a dot (``1e-3`` is a string); YAML 1.2,
+    and most people, read ``1e-3`` and ``2E-4`` as numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, turning every failure into a one-line error."""
+    """Read a YAML mapping, turning every failure into a one-line error. Numbers follow
+    YAML 1.2: ``1e-3`` is a float."""
     try:
         with open(path) as f:
-            values = yaml.safe_load(f)
+            values = yaml.load(f, Loader=_Loader)
     except OSError as e:
         raise DgmError(f"cannot read config {path}: {e.strerror}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -115,13 +176,22 @@ def load_config(run: str | Path) -> tuple[str, TrainConfig]:
     if not run.is_dir() or not path.is_file():
         raise DgmError(f"{run} is not a dgm run folder (no config.yaml); "
                        "give the folder that 'dgm train' wrote")
+    if not is_dgm_run(run):
+        raise DgmError(f"{run} is not a dgm run folder (its config.yaml is not one that dgm "
+                       "wrote, and it has no dgm checkpoint); give the folder that 'dgm train' "
+                       "wrote")
     values = read_yaml(path)
     model = values.pop("model", None)
+    values.pop("format_version", None)
     return model, from_dict(str(model), values, source=str(path))
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
+    # Serialised in memory first: torch.save on a full disk raises a RuntimeError about
+    # file positions, where a plain write raises the OSError that names the problem.
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, model: str | None = None,
@@ -199,11 +269,17 @@ def read_evaluations(run: str | Path) -> dict[str, dict]:
 
 def save_evaluation(run: str | Path, key: str, results: dict) -> None:
     """Add ``results`` under ``key`` to ``run/evaluation.json``, keeping other evaluations;
-    values that are not finite (a standard error from one image) are written as null."""
-    evaluations = read_evaluations(run)
-    evaluations[key] = {**evaluations.get(key, {}), **json_safe(results)}
-    text = json.dumps(evaluations, indent=2, allow_nan=False)
-    atomic_write(Path(run) / "evaluation.json", lambda f: f.write(text), mode="w")
+    values that are not finite (a standard error from one image) are written as null.
+
+    The read, merge and write hold a lock on ``run/.evaluation.lock``, so that two
+    evaluations of one run that end at once both keep their results."""
+    text = json.dumps(json_safe(results), allow_nan=False)  # fails before the lock is taken
+    with open(Path(run) / ".evaluation.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        evaluations = read_evaluations(run)
+        evaluations[key] = {**evaluations.get(key, {}), **json.loads(text)}
+        text = json.dumps(evaluations, indent=2, allow_nan=False)
+        atomic_write(Path(run) / "evaluation.json", lambda f: f.write(text), mode="w")
 
 
 def json_safe(value):
@@ -235,3 +311,56 @@ class RunLock:
             (self.run / ".lock").unlink()
             self.run.rmdir()
         self.file.close()
+
+
+# A run packed into one file (``dgm export``), and the zoo's trained models: the weights
+# that evaluation uses and the run's config, metrics and evaluations as text, in
+# safetensors (no pickle, so loading runs no code).
+PACK_FORMAT = "dgm-run"
+
+
+def pack_run(run: Path, out: Path, state_dict: dict, ckpt: dict) -> None:
+    """Write ``run``'s model (``state_dict``: the weights that evaluation uses) and its
+    record into ``out``."""
+    from safetensors.torch import save
+
+    model, cfg = load_config(run)
+    meta = {"format": PACK_FORMAT, "format_version": str(FORMAT_VERSION), "model": model,
+            "config": json.dumps(dataclasses.asdict(cfg)),
+            "image_shape": json.dumps(list(ckpt.get("image_shape", (1, 28, 28)))),
+            "epoch": str(ckpt["epoch"]), "step": str(ckpt["step"]),
+            "metrics": json.dumps(json_safe(read_metrics(run))),
+            "evaluation": json.dumps(read_evaluations(run))}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = save(tensors, metadata=meta)
+    atomic_write(out, lambda f: f.write(data))
+
+
+def unpack_run(path: Path, folder: Path) -> None:
+    """Lay a packed run out in ``folder`` as a run folder (its checkpoint holds weights only,
+    so it can be evaluated, sampled and reported, not resumed)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        if meta.get("format") != PACK_FORMAT:
+            raise ValueError("no dgm record in it")
+        if int(meta["format_version"]) > FORMAT_VERSION:
+            raise DgmError(f"{path} has format {meta['format_version']}, newer than this dgm's "
+                           f"{FORMAT_VERSION}; upgrade dgm")
+        model, config = meta["model"], json.loads(meta["config"])
+        payload = {"model": model, "config": config, "state_dict": tensors,
+                   "image_shape": json.loads(meta["image_shape"]), "epoch": int(meta["epoch"]),
+                   "step": int(meta["step"]), "history": json.loads(meta["metrics"])}
+        evaluation = json.loads(meta["evaluation"])
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise DgmError(f"{path} is not a run that 'dgm export' packed ({e}); give a run "
+                       "folder, a file that 'dgm export' wrote, or zoo:NAME") from None
+    save_config(folder, model, from_dict(model, config, source=str(path)))
+    write_metrics(folder, payload["history"])
+    save_checkpoint(folder / "checkpoints" / "best.pt", payload)
+    if evaluation:
+        text = json.dumps(evaluation, indent=2)
+        atomic_write(folder / "evaluation.json", lambda f: f.write(text), mode="w")

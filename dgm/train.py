@@ -16,6 +16,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from dgm import interrupts
 from dgm.config import TrainConfig
 from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, resolve_device, setup
@@ -24,8 +25,10 @@ from dgm.models import MODELS, build_model
 from dgm.plots import plot_curves, save_grid
 from dgm.report import write_report
 from dgm.runs import (
+    DiskFull,
     RunLock,
     check_run_folder,
+    is_dgm_run,
     load_checkpoint,
     load_weights,
     remove_stale_temps,
@@ -103,6 +106,8 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
         if last_path.exists():
             raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
                            "or choose another --out")
+    elif not is_dgm_run(run):
+        raise DgmError(f"{run} is not a dgm run folder; give the folder that 'dgm train' wrote")
     # A run stopped before its first checkpoint resumes from the start, with its config.
     resume = resume and last_path.exists()
 
@@ -222,12 +227,13 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             stop = _patience_spent(history, model.best_metric, cfg.patience)
             samples = None
             if ctx.is_main:
-                _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
-                      device, cfg, tuple(train_x.shape[1:]), averaged)
-                write_metrics(run, history)
-                plot_curves(history, model.curves, run / "curves.png",
-                            title=f"{model_name} on {cfg.dataset}")
-                samples = _pictures(shown, cfg, run, epoch, final=stop)
+                with interrupts.held():  # the checkpoint and the files that describe it
+                    _save(run, model_name, model, optimizers, history, epoch, step, data_gen,
+                          device, cfg, tuple(train_x.shape[1:]), averaged)
+                    write_metrics(run, history)
+                    plot_curves(history, model.curves, run / "curves.png",
+                                title=f"{model_name} on {cfg.dataset}")
+                    samples = _pictures(shown, cfg, run, epoch, final=stop)
             if board:
                 for k, v in row.items():
                     board.add_scalar(k, v, epoch)
@@ -241,6 +247,9 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
         if stop and epoch < cfg.epochs and not quiet:
             tqdm.write(f"stopped early: {model.best_metric[0]} has not improved for "
                        f"{cfg.patience} epochs (--patience)")
+    except DiskFull as e:
+        raise DiskFull(f"{e}, then continue with: dgm train {model_name} --resume {run} (from "
+                       "the last checkpoint, which is intact)") from None
     except KeyboardInterrupt:
         saved = f"epoch {epoch} is saved" if epoch else "no epoch had finished"
         raise Interrupted(f"interrupted during epoch {epoch + 1}; {saved}; continue with: "

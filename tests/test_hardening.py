@@ -15,6 +15,7 @@ from test_cli import one_line_error, vae
 from dgm import data
 from dgm.cli import main
 from dgm.config import CONFIGS, field_type
+from dgm.errors import DgmError
 from dgm.interpolation import interpolate
 from dgm.runs import load_checkpoint
 
@@ -124,7 +125,7 @@ def test_data_of_the_wrong_size_or_type(images, fake_data_dir, tmp_path, capsys)
     else:  # IDX type code 0x0C: big-endian int32
         header = bytes([0, 0, 0x0C, 3]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
         path.write_bytes(gzip.compress(header + images.astype(">i4").tobytes()))
-    data._read_idx.cache_clear()
+    data.idx._read_idx.cache_clear()
     one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r"), "not the 8-bit 28x28")
 
 
@@ -236,11 +237,11 @@ def test_failed_download_leaves_no_litter(tmp_path, monkeypatch):
     ds = data.Dataset(mirrors=((tmp_path / "nowhere").as_uri() + "/",),
                       files={"test-images": info}, classes=())
     monkeypatch.setitem(data.DATASETS, "toy", ds)
-    with pytest.raises(data.DgmError):
+    with pytest.raises(DgmError):
         data.download("toy", "test-images", dest_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     (tmp_path / "cache").mkdir()
-    with pytest.raises(data.DgmError):
+    with pytest.raises(DgmError):
         data.download("toy", "test-images", dest_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -311,3 +312,94 @@ def test_slerp_through_the_origin():
         assert torch.equal(path[0], a) and torch.equal(path[-1], b)
     path = interpolate(torch.tensor([0.5]), torch.tensor([-0.3]), 5, "slerp")
     torch.testing.assert_close(path.flatten(), torch.tensor([0.5, 0.3, 0.1, -0.1, -0.3]))
+
+
+# A folder of the user's that merely holds dgm's file names.
+
+@pytest.mark.parametrize("theirs", ["my notes: keep\n", "model: vae\nlatent_dim: 3\n"])
+def test_a_users_config_yaml_does_not_make_a_run(theirs, fake_data_dir, tmp_path, capsys):
+    """Planted bug: recognising a run by the name config.yaml alone (as dgm did): the
+    user's file is then replaced and the folder trained into."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text(theirs)
+    one_line_error(capsys, 1, vae(fake_data_dir, mine, "--epochs", "1"), "not a dgm run")
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(mine)], "not a dgm run")
+    one_line_error(capsys, 1, ["report", str(mine)], "not a dgm run")
+    one_line_error(capsys, 1, ["evaluate", str(mine)], "not a dgm run")
+    assert [p.name for p in mine.iterdir()] == ["config.yaml"]
+    assert (mine / "config.yaml").read_text() == theirs
+
+
+def test_a_runs_config_is_recognised_and_serves_as_a_config(run, fake_data_dir, tmp_path,
+                                                            capsys):
+    assert yaml_of(run / "config.yaml")["format_version"] == 1
+    # dgm's own run stopped before its first checkpoint is still dgm's to restart.
+    (run / "checkpoints" / "last.pt").unlink()
+    (run / "checkpoints" / "best.pt").unlink()
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    again = tmp_path / "again"
+    assert main(vae(fake_data_dir, again, "--epochs", "1", "--config",
+                    str(run / "config.yaml"))) == 0
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+# Numbers as people write them in YAML.
+
+def test_yaml_numbers_as_yaml_1_2_reads_them(tmp_path):
+    """Planted bug: PyYAML's YAML 1.1 reading, where 1e-3 is the string '1e-3'."""
+    from dgm.config import from_dict
+    from dgm.errors import DgmError
+    from dgm.runs import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nema: 9.99E-1\nepochs: 1e1\nkl_warmup_steps: 2E+2\n"
+                    "latent_dim: 20.0\n")
+    cfg = from_dict("vae", read_yaml(path))
+    assert (cfg.lr, cfg.ema, cfg.epochs, cfg.kl_warmup_steps, cfg.latent_dim) == \
+        (1e-3, 0.999, 10, 200, 20)
+    assert type(cfg.epochs) is int and type(cfg.lr) is float
+    for text, match in (("lr: '1e-3'\n", "lr must be of type float"),
+                        ("lr: 1e-3x\n", "lr must be of type float"),
+                        ("epochs: 1.5\n", "epochs must be of type int"),
+                        ("epochs: 1e400\n", "epochs must be of type int"),
+                        ("latent_dim: true\n", "latent_dim must be of type int")):
+        path.write_text(text)
+        with pytest.raises(DgmError, match=match):
+            from_dict("vae", read_yaml(path))
+
+
+def test_a_yaml_config_with_1e_minus_3_trains(fake_data_dir, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nepochs: 1e0\n")
+    assert main(vae(fake_data_dir, tmp_path / "r", "--config", str(path))) == 0
+    assert yaml_of(tmp_path / "r" / "config.yaml")["lr"] == 1e-3
+
+
+# Too few images for a score.
+
+def test_evaluation_on_a_tiny_split_reports_what_it_can(fake_data_dir, tmp_path, capsys):
+    """Planted bug: no size check: precision/recall die in kthvalue() (they need k + 1
+    points), the Frechet distance in torchmetrics (it needs two)."""
+    run = tmp_path / "gan"
+    assert main(["train", "gan", "--dataset", "mnist", "--data-dir", str(fake_data_dir),
+                 "--offline", "--train-split", "train[:64]", "--val-split", "test[:32]",
+                 "--epochs", "1", "--batch-size", "32", "--sample-epochs", "", "--quiet",
+                 "--out", str(run)]) == 0
+    for split, n in (("test[100:101]", 1), ("test[100:103]", 3), ("test[100:104]", 4)):
+        assert main(["evaluate", str(run), "--split", split, "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["n_images"] == n
+        pr, fd, kid = res["precision_recall"], res["frechet"], res["kid"]
+        assert (pr["precision"] is None) == (n < 4) and (fd["distance"] is None) == (n < 2)
+        assert (kid["mean"] is None) == (n < 2)
+        if n < 4:
+            assert "needs at least 4 test" in pr["note"]
+        else:
+            assert 0 <= pr["precision"] <= 1 and "note" not in pr
+        assert math.isfinite(res["parzen"]["log_px_nats"])

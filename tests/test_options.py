@@ -44,6 +44,8 @@ COMMAND_CHOICES = {
     ("interpolate", "--device"): {"auto", "cpu", "cuda"},
     ("interpolate", "--method"): {"cdf", "slerp"},
     ("data", "action"): {"list", "check"},
+    ("score", "--device"): {"auto", "cpu", "cuda"},
+    ("export", "--checkpoint"): {"best", "last"},
 }
 
 
@@ -165,6 +167,28 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
         argv += ["--out", str(tmp_path / "x.png")] if command != "evaluate" else []
         if not torch.cuda.is_available():
             assert_one_line(capsys, argv, "no CUDA GPU")
+    # Packed into one file, it serves every command that reads a run; its samples score.
+    for checkpoint in ("best", "last"):
+        packed = tmp_path / f"{checkpoint}.safetensors"
+        assert_ok(capsys, ["export", str(run), str(packed), "--checkpoint", checkpoint])
+    pictures += [tmp_path / "p-s.png", tmp_path / "p-i.png"]
+    assert_ok(capsys, ["sample", str(packed), "-n", "4", "--out", str(pictures[-2]),
+                       "--npz", str(tmp_path / "s.npz")])
+    assert_ok(capsys, ["interpolate", str(packed), "--rows", "2", "--steps", "3", "--out",
+                       str(pictures[-1])])
+    if model == "vae":
+        pictures.append(tmp_path / "p-m.png")
+        assert_ok(capsys, ["manifold", str(packed), "--size", "3", "--out", str(pictures[-1])])
+    assert_ok(capsys, ["evaluate", str(packed), "--iw-samples", "3", "--json"])
+    assert_ok(capsys, ["report", str(packed), "--out", str(tmp_path / "p.html")])
+    for device in ("auto", "cpu"):
+        assert_ok(capsys, ["score", str(tmp_path / "s.npz"), "--dataset", "mnist",
+                           "--data-dir", str(fake_data_dir), "--offline", "--split", "test[32:]",
+                           "--train-split", "train[:96]", "--val-split", "test[:32]",
+                           "--device", device, "--json"])
+    if not torch.cuda.is_available():
+        assert_one_line(capsys, ["score", str(tmp_path / "s.npz"), "--dataset", "mnist",
+                                 "--device", "cuda"], "no CUDA GPU")
     for p in pictures:
         assert_png(p)
     assert_ok(capsys, ["report", str(run)])

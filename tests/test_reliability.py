@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -118,6 +119,8 @@ def test_run_folder_that_cannot_be_created(fake_data_dir, tmp_path, capsys):
 
 def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(fake_data_dir, tmp_path, capsys,
                                                            monkeypatch):
+    """The same as test_a_full_disk_loses_nothing where tmpfs cannot be mounted: a disk that
+    fills at the fsync."""
     run = tmp_path / "run"
     assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
     good = (run / "checkpoints" / "last.pt").read_bytes()
@@ -130,10 +133,153 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(fake_data_dir, tmp_pa
     monkeypatch.setattr(os, "fsync", full)
     assert main(["train", "vae", "--resume", str(run), "--epochs", "3", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "Traceback" not in err
+    assert "the disk is full: could not write" in err and "Traceback" not in err
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
     assert not list(run.rglob(".*.tmp"))
     assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_interrupt_at_any_moment_of_start_up_is_one_line(fake_data_dir, tmp_path):
+    """Planted bug: a package __init__ that imports torch before main() runs: an interrupt
+    during that import ends in a KeyboardInterrupt traceback."""
+    # From the moment dgm's entry point runs, through its imports and training. Before
+    # that, in the interpreter's own start and the import of the entry module (a few lines
+    # that import only sys), an interrupt is Python's to report, as for any program.
+    up = ("import sys; from dgm.__main__ import main; print('up', file=sys.stderr, "
+          "flush=True); sys.exit(main())")
+    delays = [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.8, 2.6, 3.5]
+    for i, delay in enumerate(delays):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", up, *vae(fake_data_dir, tmp_path / f"r{i}", "--epochs",
+                                            "50")],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr.readline() == "up\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 130, (delay, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, (delay, err)
+
+
+def test_the_command_line_answers_before_torch_is_imported():
+    """What keeps --help fast and start-up interruptible: dgm.cli imports no torch."""
+    code = "import sys, dgm.cli; dgm.cli.build_parser(); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], env=ENV).returncode == 0
+
+
+# Two dgm processes on one run folder.
+
+def test_two_evaluations_ending_at_once_keep_both_results(fake_data_dir, tmp_path,
+                                                          monkeypatch):
+    """Planted bug: save_evaluation's read-modify-write without its lock; the first
+    writer's result is lost when a second one read the file before it wrote."""
+    import json
+    import threading
+
+    import dgm.runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real = dgm.runs.read_evaluations
+    both_read = threading.Barrier(2, timeout=2)
+
+    def slow_read(path):
+        out = real(path)
+        try:
+            both_read.wait()  # without the lock both threads read before either writes
+        except threading.BrokenBarrierError:
+            pass  # with the lock the other thread waits outside: go on alone
+        return out
+
+    monkeypatch.setattr(dgm.runs, "read_evaluations", slow_read)
+    threads = [threading.Thread(target=dgm.runs.save_evaluation, args=(run, k, {"v": k}))
+               for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(json.loads((run / "evaluation.json").read_text())) == ["a", "b"]
+
+
+def test_two_evaluate_processes_at_once_keep_both(fake_data_dir, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    procs = [start(["evaluate", str(run), "--iw-samples", k, "--no-naive", "--quiet"])
+             for k in ("3", "4")]
+    procs.append(start(["report", str(run)]))
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    saved = json.loads((run / "evaluation.json").read_text())
+    assert sorted(saved) == ["test[64:] (best, k=3)", "test[64:] (best, k=4)"]
+    assert (run / "report.html").stat().st_size > 0
+
+
+# A disk that fills: a real one, a small tmpfs.
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    if not mounted:
+        pytest.skip("mount -t tmpfs is refused here (needs root); the full-disk test needs it")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk, leave: int = 0) -> None:
+    """Fill ``disk`` up, then give back about ``leave`` bytes."""
+    filler = disk / "filler"
+    with open(filler, "ab") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def full_disk_error(capsys, argv, path):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"the disk is full: could not write {path}" in err and "free there" in err, err
+    return err
+
+
+def test_a_full_disk_loses_nothing(fake_data_dir, small_disk, tmp_path, capsys):
+    """Planted bugs: torch.save straight into the file (a full disk then raises a
+    RuntimeError about file positions, with no path); no ENOSPC handling in atomic_write."""
+    run = small_disk / "run"
+    assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    files = sorted(p for p in run.rglob("*"))
+    fill(small_disk, leave=64 * 1024)  # room for config and metrics, not a checkpoint
+    err = full_disk_error(capsys, ["train", "vae", "--resume", str(run), "--epochs", "2",
+                                   "--quiet"], run / "checkpoints")
+    assert f"continue with: dgm train vae --resume {run}" in err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not list(small_disk.rglob(".*.tmp"))
+    fill(small_disk)
+    full_disk_error(capsys, ["sample", str(run), "--out", str(small_disk / "s.png")],
+                    small_disk / "s.png")
+    full_disk_error(capsys, ["report", str(run)], run / "report.html")
+    full_disk_error(capsys, ["evaluate", str(run), "--iw-samples", "2", "--no-naive"],
+                    run / "evaluation.json")
+    assert not (run / "evaluation.json").exists() and not (small_disk / "s.png").exists()
+    assert not list(small_disk.rglob(".*.tmp"))
+    assert sorted(p for p in run.rglob("*") if p.name != ".evaluation.lock") == files
+    (small_disk / "filler").unlink()
+    assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2

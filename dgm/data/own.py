@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgm.data import _slice, parse_split, read_idx
+from dgm.data.idx import read_idx
+from dgm.data.splits import parse_split, slice_of
 from dgm.errors import DgmError
 
-__all__ = ["load_own", "source_kind"]
+__all__ = ["load_own", "read_samples", "source_kind"]
 
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _GREY, _COLOUR = {"L", "1"}, {"RGB", "P"}  # PIL modes read as grey or RGB
@@ -66,7 +67,7 @@ def load_own(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
         images, labels = _npz_split(str(path), base, st.st_mtime_ns, st.st_size)
     else:
         images, labels = _png_folder(str(path), st.st_mtime_ns)
-    s = _slice(len(images), start, stop)
+    s = slice_of(len(images), start, stop)
     x = torch.from_numpy(images[s].transpose(0, 3, 1, 2).copy())  # a C-ordered copy
     y = torch.from_numpy(labels[s].astype(np.int64))
     if len(x) == 0:
@@ -74,9 +75,10 @@ def load_own(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torc
     return x, y
 
 
-def _nhwc(images: np.ndarray, where: str) -> np.ndarray:
-    """(N, H, W) or (N, H, W, C) uint8 with C 1 or 3 -> a (N, H, W, C) view."""
-    if images.dtype != np.uint8:
+def _nhwc(images: np.ndarray, where: str, floats: bool = False) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) uint8 (or, with ``floats``, floating-point) with C 1 or 3
+    -> a (N, H, W, C) view."""
+    if images.dtype != np.uint8 and not (floats and images.dtype.kind == "f"):
         raise DgmError(f"{where} holds {images.dtype} values; dgm reads 8-bit images (uint8)")
     if images.ndim == 3:
         return images[..., None]
@@ -194,3 +196,43 @@ def _png_folder(folder: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
             raise DgmError(f"cannot decode {p} ({e}); the file is truncated or corrupt") from None
     images.setflags(write=False)  # cached: no caller may change it
     return images, np.full(len(files), -1, dtype=np.int64)
+
+
+def read_samples(path: str | Path) -> torch.Tensor:
+    """Generated images to score, from any model: an ``.npz`` file holding one array, uint8
+    (N, H, W) or (N, H, W, C) or floats in [0, 1] of that shape, or a folder of PNGs (read
+    as :func:`load_own` reads one) -> float32 (N, C, H, W) in [0, 1]."""
+    p = Path(path)
+    if p.is_dir():
+        if source_kind(p) != "png":
+            raise DgmError(f"{p} holds no PNG files; give a folder of PNGs or an .npz file")
+        images, _ = _png_folder(str(p), os.stat(p).st_mtime_ns)
+        return torch.from_numpy(images.transpose(0, 3, 1, 2) / np.float32(255))
+    if not (p.is_file() and p.suffix.lower() == ".npz"):
+        raise DgmError(f"{p} is neither an .npz file nor a folder of PNGs" if p.exists() else
+                       f"no such file or folder: {p}")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+            if len(names) != 1:
+                held = ", ".join(n.removesuffix(".npy") for n in names) or "nothing"
+                raise DgmError(f"{p} holds {len(names)} arrays ({held}); save the samples "
+                               "alone: np.savez(FILE, samples)")
+            _, dtype = _npy_header(zf, names[0], str(p))
+            if dtype != np.uint8 and dtype.kind != "f":
+                raise DgmError(f"{p} holds {dtype} values; give uint8 images or floats in "
+                               "[0, 1]")
+            with zf.open(names[0]) as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise DgmError(f"{p} is not a readable .npz file ({e}); save it again with "
+                       "numpy's np.savez") from None
+    where = f"{p}: {names[0].removesuffix('.npy')}"
+    images = _nhwc(array, where, floats=True)
+    if images.dtype == np.uint8:
+        return torch.from_numpy(images.transpose(0, 3, 1, 2) / np.float32(255))
+    if images.size and not (np.isfinite(images).all() and 0 <= images.min()
+                            and images.max() <= 1):
+        raise DgmError(f"{where} holds floats from {images.min():g} to {images.max():g}; "
+                       "give floats in [0, 1] or uint8 images")
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32))

@@ -1,0 +1,73 @@
+"""Trained models that ship with dgm, and packed runs: ``zoo:NAME`` or a file that
+``dgm export`` wrote, wherever a run folder is read.
+
+Each zoo model is a packed run (:func:`dgm.runs.pack_run`: its weights, config, metrics
+and evaluations, in safetensors) under ``dgm/weights/zoo/``, pinned by its SHA-256, which
+is checked on every load.
+"""
+
+import contextlib
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dgm.errors import DgmError
+from dgm.runs import unpack_run
+
+__all__ = ["ZOO", "ZooModel", "is_packed", "open_run", "zoo_file"]
+
+ZOO_DIR = Path(__file__).parent / "weights" / "zoo"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    sha256: str
+    data: str
+    recipe: str  # the commands that trained and measured it
+    results: str  # what it reproduces, as the README prints it
+    # A quick check that the tests run: `dgm evaluate zoo:NAME ARGS` on a slice of the test
+    # set, and the numbers it gave when the model was packed (JSON path -> value).
+    check_args: tuple[str, ...] = ()
+    check: dict = field(default_factory=dict)
+
+
+ZOO: dict[str, ZooModel] = {m.name: m for m in ()}
+
+
+def zoo_file(name: str) -> Path:
+    """The hash-checked file of a zoo model."""
+    if name not in ZOO:
+        known = ", ".join(f"zoo:{n}" for n in ZOO) or "none yet"
+        raise DgmError(f"no zoo model {name!r}; dgm ships: {known} (dgm zoo lists them)")
+    model = ZOO[name]
+    path = ZOO_DIR / f"{name}.safetensors"
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DgmError(f"zoo model {name} is missing from this installation ({e.strerror}); "
+                       "reinstall dgm") from None
+    if digest != model.sha256:
+        raise DgmError(f"zoo model {name} ({path}) has SHA-256 {digest[:16]}..., not the "
+                       f"{model.sha256[:16]}... it was published with; reinstall dgm")
+    return path
+
+
+def is_packed(source: str | Path) -> bool:
+    """Whether ``source`` names a packed run (zoo:NAME or a file) rather than a folder."""
+    return str(source).startswith("zoo:") or Path(source).is_file()
+
+
+@contextlib.contextmanager
+def open_run(source: str | Path) -> Iterator[Path]:
+    """The run folder that ``source`` names: a folder as it is; a packed run (zoo:NAME or a
+    file that ``dgm export`` wrote) laid out in a temporary folder for the block's length."""
+    if not is_packed(source):
+        yield Path(source)
+        return
+    path = zoo_file(str(source)[4:]) if str(source).startswith("zoo:") else Path(source)
+    with tempfile.TemporaryDirectory(prefix="dgm-packed-") as folder:
+        unpack_run(path, Path(folder))
+        yield Path(folder)
