@@ -60,7 +60,9 @@ class TrainConfig:
                                    "epochs at which to save a sample grid (0 = before training)")
     num_samples: int = opt(16, "images in each sample grid", min=1, max=1024)
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    precision: str = opt("fp32", "bf16 autocast on supporting GPUs", choices=("fp32", "bf16"))
+    precision: str = opt("fp32", "bf16: autocast of the networks on a GPU with bf16 or a CPU "
+                                 "with native bf16 (AVX512-BF16, AMX); what is cited stays fp32",
+                         choices=("fp32", "bf16"))
     compile: bool = opt(False, "torch.compile the model")
     threads: int = opt(0, "CPU threads (0 = as many cores as other processes leave idle, "
                           "checked every 2 s)", min=0, max=1024)

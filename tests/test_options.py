@@ -14,6 +14,7 @@ from PIL import Image
 
 from dgm.cli import build_parser, main
 from dgm.config import CONFIGS, field_type
+from dgm.train import cpu_has_native_bf16
 
 TINY = {
     "vae": ["--hidden-dim", "16", "--latent-dim", "2"],
@@ -23,8 +24,8 @@ TINY = {
 # Values that need what this machine may lack: the one-line error that names the fix.
 NEEDS = {
     ("device", "cuda"): (torch.cuda.is_available(), "no CUDA GPU"),
-    ("precision", "bf16"): (torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-                            "needs a GPU"),
+    ("precision", "bf16"): (cpu_has_native_bf16() if not torch.cuda.is_available()
+                            else torch.cuda.is_bf16_supported(), "native bf16"),
 }
 try:
     import torch.utils.tensorboard  # noqa: F401

@@ -70,7 +70,7 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(1)
+        return self.net(x.flatten(1)).squeeze(1).float()  # fp32 logits for the losses
 
 
 class GAN(nn.Module):
