@@ -255,9 +255,10 @@ def test_kernel_distance_matches_the_formula_and_is_unbiased():
     # A set against itself (independent subsets of it): about 0, with its spread.
     itself, itself_std = kernel_distance(real, real, subsets=20, subset_size=500)
     assert 0 < itself_std < 0.05 and abs(itself) < 3 * itself_std
-    # Seeded: the same subsets, the same numbers.
-    assert kernel_distance(real, other, subsets=5, subset_size=100, seed=3) == \
-        kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    # Seeded: the same subsets, the same numbers; another seed, other subsets.
+    seeded = kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    assert seeded == kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    assert seeded != kernel_distance(real, other, subsets=5, subset_size=100, seed=4)
 
 
 def test_precision_and_recall_see_fidelity_and_diversity_apart():
