@@ -13,6 +13,7 @@ from dgm.features import SHIPPED, extract_features, shipped_feature_net
 from dgm.interpolation import interpolate, interpolation_rows
 from dgm.models.gan import generator_loss
 from dgm.quality import frechet_distance
+from dgm.runs import load_checkpoint
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -167,9 +168,15 @@ def test_resumed_gan_run_equals_uninterrupted_run(real_data_dir, tmp_path):
     assert main(["train", "gan", *common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
     assert main(["train", "gan", *common, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
     assert main(["train", "gan", *common, "--epochs", "2", "--resume", str(tmp_path / "b")]) == 0
-    # Both networks, both optimisers and the noise stream are restored.
+    # Both networks, both optimisers and the noise stream are restored: the same metrics and
+    # the same weights. Planted bug it catches: ``opt.load_state_dict`` skipped on resume.
     assert (tmp_path / "a" / "metrics.csv").read_text().splitlines()[2].split(",")[:-1] == \
         (tmp_path / "b" / "metrics.csv").read_text().splitlines()[2].split(",")[:-1]
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("flags", [["--rows", "0"], ["--steps", "1"], ["--out", "x.jpg"]])
