@@ -40,6 +40,16 @@ def test_non_finite_floats_are_refused(model, fake_data_dir, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_readme_counts_the_non_finite_floats_tested():
+    """The README's hardening table gives the count that the test above enumerates."""
+    from pathlib import Path
+
+    n = sum(field_type(f)[0] is float for m in ("vae", "gan", "flow")
+            for f in dataclasses.fields(CONFIGS[m]))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"| {3 * n} non-finite floats (`nan`, `inf`, `-inf` in each of the {n} float" in readme
+
+
 def test_out_of_range_numbers(fake_data_dir, tmp_path, capsys):
     r = str(tmp_path / "r")
     cases = [
