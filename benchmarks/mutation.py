@@ -201,6 +201,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds per mutant (default: 3x the covering tests' time + 20)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--lines", help="only the mutants on these lines, e.g. 27,39 (to check "
+                   "that new tests kill earlier survivors)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dgm-mutation-"))
@@ -238,6 +240,9 @@ def main() -> int:
 
     results = []
     all_mutants = mutants(original)
+    if args.lines:
+        wanted = {int(v) for v in args.lines.split(",")}
+        all_mutants = [m for m in all_mutants if m[0] in wanted]
     for n, (line, what, source) in enumerate(all_mutants, 1):
         covering = sorted(set(by_line.get(line, [])), key=lambda t: cover["durations"].get(t, 0))
         if not covering:
