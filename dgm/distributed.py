@@ -77,10 +77,21 @@ class Context:
             g.copy_(avg)
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Make every rank hold rank 0's parameters and buffers (BatchNorm statistics too)."""
+        """Make every rank hold rank 0's parameters and buffers: once, after initialisation."""
         if self.world == 1:
             return
         for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Make every rank hold rank 0's buffers (BatchNorm running statistics), as DDP does.
+
+        Parameters need no copy: every rank applies the same averaged gradients through the
+        same optimiser, so they stay identical by construction, and copying them would hide a
+        rank whose update went wrong."""
+        if self.world == 1:
+            return
+        for t in module.buffers():
             dist.broadcast(t.data, 0)
 
     def barrier(self) -> None:

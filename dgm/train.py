@@ -242,9 +242,11 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             _set_learning_rate(optimizers, cfg, epoch)
             stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
                                        epoch + 1, step, quiet, ctx, threads, averaged)
-            ctx.broadcast_module(shown)  # BatchNorm statistics are per rank; keep rank 0's
+            # BatchNorm statistics are per rank (each saw its part of the batch): keep rank
+            # 0's. Parameters stay identical without a copy (the same averaged gradients).
+            ctx.broadcast_buffers(model)
             if shown is not model:
-                ctx.broadcast_module(model)
+                ctx.broadcast_buffers(shown)
             val = _validate(shown, val_in, cfg, device, ctx)
             epoch += 1
             row = {"epoch": epoch, "step": step, **stats, **val,

@@ -231,3 +231,34 @@ def test_ema_weights_are_the_evaluated_model_and_resume_exactly(fake_data_dir, t
     weight = model.state_dict()["encoder.0.weight"]
     torch.testing.assert_close(weight, a["ema_state_dict"]["module.encoder.0.weight"])
     assert not torch.equal(weight, a["state_dict"]["encoder.0.weight"])
+
+
+def test_ema_follows_its_recurrence(fake_data_dir, tmp_path, monkeypatch):
+    """The checkpoint's averaged weights equal e <- d e + (1 - d) w computed by hand from the
+    weights after each optimiser step (the first step's weights start the average, as
+    AveragedModel does). Planted bugs it catches: ``averaged.update_parameters(model)``
+    removed from _train_epoch (the average stays at the initial weights), and the decay
+    swapped (d for 1 - d)."""
+    from dgm.models.vae import VAE
+
+    after: list[dict] = []
+    real = VAE.training_step
+
+    def recording(self, x, optimizers):
+        out = real(self, x, optimizers)
+        after.append({k: v.detach().clone() for k, v in self.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(VAE, "training_step", recording)
+    d = 0.9
+    assert main(vae(fake_data_dir, tmp_path / "a", "--epochs", "2", "--ema", str(d))) == 0
+    assert len(after) == 12  # 192 images in batches of 32, two epochs
+    ema = dict(after[0])
+    for w in after[1:]:
+        ema = {k: d * ema[k] + (1 - d) * w[k] for k in ema}
+    saved = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["ema_state_dict"]
+    assert saved["n_averaged"].item() == 12
+    for k, v in ema.items():
+        torch.testing.assert_close(saved[f"module.{k}"], v, rtol=1e-5, atol=1e-7)
+    # and the average is not just the last weights
+    assert not torch.allclose(saved["module.encoder.0.weight"], after[-1]["encoder.0.weight"])

@@ -4,11 +4,16 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
+from dgm.config import FlowConfig
 from dgm.maths import (
     bernoulli_log_prob,
     bits_per_dim,
+    dequantize,
+    dequantize_logdet,
     kl_std_normal,
     log_mean_exp_stats,
+    logit_inverse,
+    logit_transform,
     std_normal_log_prob,
 )
 
@@ -70,11 +75,43 @@ def test_log_mean_exp_stats_extremes():
 
 def test_log_mean_exp_stats_stderr_is_spread_of_group_estimates():
     log_w = torch.randn(1000, 2, dtype=torch.float64)
-    est, se, _ = log_mean_exp_stats(log_w, groups=10)
+    est, se, _ = log_mean_exp_stats(log_w)  # the default: 10 groups
     assert est[0].item() == pytest.approx(math.log(log_w[:, 0].exp().mean().item()))
     groups = [math.log(g.exp().mean()) for g in log_w[:, 0].split(100)]
     assert se[0].item() == pytest.approx(torch.tensor(groups).std().item() / math.sqrt(10))
+    # Two groups are the fewest that give a spread.
+    two = [math.log(g.exp().mean()) for g in log_w[:, 0].split(500)]
+    se2 = log_mean_exp_stats(log_w, groups=2)[1][0].item()
+    assert se2 == pytest.approx(abs(two[0] - two[1]) / 2)  # std of 2 = |a - b| / sqrt 2
+    assert log_mean_exp_stats(log_w, groups=1)[1].isnan().all()
 
 
 def test_bits_per_dim():
     assert bits_per_dim(784 * math.log(2), 784) == pytest.approx(1.0)
+
+
+def test_dequantize_adds_uniform_noise_and_scales():
+    x = torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8)
+    v = dequantize(x, torch.Generator().manual_seed(0))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v, (x.float() + u) / 256, rtol=0, atol=0)
+    assert ((v * 256).floor() == x).all() and (v < 1).all()
+    assert dequantize_logdet(784) == pytest.approx(-784 * math.log(256))
+
+
+def test_logit_transform_against_autograd_and_its_inverse():
+    x = torch.rand(3, 2, 4, dtype=torch.float64)
+    for alpha in (0.05, 1e-6):
+        y, ld = logit_transform(x, alpha)
+        s = alpha + (1 - 2 * alpha) * x
+        torch.testing.assert_close(y, torch.log(s / (1 - s)))
+        # Elementwise, so the log-det is the sum of log dy/dx, here by autograd.
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(logit_transform(xr, alpha)[0].sum(), xr)
+        torch.testing.assert_close(ld, grad.log().flatten(1).sum(1))
+        torch.testing.assert_close(logit_inverse(y, alpha), x)
+    # The defaults are the flow's default squeeze.
+    alpha = FlowConfig().alpha
+    torch.testing.assert_close(logit_transform(x)[1], logit_transform(x, alpha)[1], rtol=0,
+                               atol=0)
+    torch.testing.assert_close(logit_inverse(y), logit_inverse(y, alpha), rtol=0, atol=0)

@@ -204,3 +204,63 @@ def test_data_list_and_check(fake_data_dir, real_data_dir, capsys):
     # Files that are not the published ones fail their checksum, in one line.
     assert_one_line(capsys, ["data", "check", "--data-dir", str(fake_data_dir)],
                     "failed the check")
+
+
+def test_cosine_schedule_sets_each_epochs_learning_rate(fake_data_dir, tmp_path, monkeypatch):
+    """The learning rate of every step in epoch e (0-based) of E is
+    lr * (1 + cos(pi e / E)) / 2. Planted bug it catches: the factor one epoch ahead
+    (``epoch + 1`` in _set_learning_rate)."""
+    import math
+
+    from test_cli import vae
+
+    from dgm.models.vae import VAE
+
+    seen = []
+    real = VAE.training_step
+    monkeypatch.setattr(VAE, "training_step", lambda self, x, opts: (
+        seen.append(opts["adam"].param_groups[0]["lr"]), real(self, x, opts))[1])
+    assert main(vae(fake_data_dir, tmp_path / "r", "--epochs", "4", "--lr", "0.002",
+                    "--lr-schedule", "cosine")) == 0
+    expected = [0.002 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4) for _ in range(6)]
+    assert seen == pytest.approx(expected, rel=1e-12)  # 192 images, batches of 32: 6 steps
+
+
+@pytest.mark.parametrize(("scores", "patience", "spent"), [
+    ([1, 2, 3], 0, False),          # 0: never stop
+    ([1, 2, 3], 3, False),          # not yet patience + 1 scores
+    ([3, 2, 1], 2, True),           # two epochs without beating 3
+    ([3, 2, 3], 2, True),           # equalling the best is no improvement
+    ([3, 2, 3.5], 2, False),        # the last one improved
+    ([1, 2, 3, 2.5], 2, False),     # only one epoch since the best
+    ([1, 3, 2, 2.5], 2, True),
+])
+def test_patience_spent_on_hand_made_histories(scores, patience, spent):
+    """Planted bugs it catches: ``<`` for ``<=`` (an equal score counting as progress), and
+    one epoch too many before stopping (``len(scores) <= patience + 1``)."""
+    from dgm.train import _patience_spent
+
+    history = [{"epoch": i + 1, "val_elbo": s} for i, s in enumerate(scores)]
+    assert _patience_spent(history, ("val_elbo", "max"), patience) is spent
+    # The same for a metric to minimise, mirrored.
+    low = [{"epoch": r["epoch"], "val_bpd": -r["val_elbo"]} for r in history]
+    assert _patience_spent(low, ("val_bpd", "min"), patience) is spent
+
+
+def test_patience_stops_at_the_right_epoch(fake_data_dir, tmp_path, monkeypatch):
+    """With validation scores 1, 2, 3, 2.5, 2.9, ... and --patience 2 training stops after
+    epoch 5, the second without beating 3. Planted bug it catches: patience never checked
+    in the loop (``stop = False`` after each epoch), which runs all 8 epochs."""
+    from test_cli import vae
+
+    from dgm.models.vae import VAE
+    from dgm.runs import load_checkpoint, read_metrics
+
+    scores = iter([1.0, 2.0, 3.0, 2.5, 2.9, 4.0, 5.0, 6.0])
+    monkeypatch.setattr(VAE, "validation_step",
+                        lambda self, x: {"val_elbo": torch.tensor(next(scores))})
+    run = tmp_path / "r"
+    assert main(vae(fake_data_dir, run, "--epochs", "8", "--patience", "2")) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 5
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 3

@@ -14,7 +14,7 @@ from torch import nn
 from dgm.cli import main
 from dgm.config import TrainConfig, opt
 from dgm.models import GenerativeModel
-from dgm.runs import read_metrics
+from dgm.runs import load_checkpoint, read_metrics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -83,6 +83,12 @@ def test_own_model_trains_resumes_evaluates_and_reports(fake_data_dir, tmp_path,
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"] == "test_own_model:Toy" and cfg["noise"] == 0.2
     assert main([*argv, "--epochs", "2", "--resume", str(run)]) == 0
+    # The resumed run ends where an uninterrupted one ends (planted bug it catches: the
+    # optimisers' states not restored on resume).
+    whole = tmp_path / "whole"
+    assert main([*argv[:4], str(whole), *argv[5:], "--epochs", "2"]) == 0
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt")["state_dict"] for r in (run, whole))
+    torch.testing.assert_close(a["mean"], b["mean"], rtol=0, atol=0)
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["val_loss"] < rows[0]["val_loss"]
     for f in ("checkpoints/last.pt", "checkpoints/best.pt", "curves.png",

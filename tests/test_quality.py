@@ -260,9 +260,10 @@ def test_kernel_distance_matches_the_formula_and_is_unbiased():
     # A set against itself (independent subsets of it): about 0, with its spread.
     itself, itself_std = kernel_distance(real, real, subsets=20, subset_size=500)
     assert 0 < itself_std < 0.05 and abs(itself) < 3 * itself_std
-    # Seeded: the same subsets, the same numbers.
-    assert kernel_distance(real, other, subsets=5, subset_size=100, seed=3) == \
-        kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    # Seeded: the same subsets, the same numbers; another seed, other subsets.
+    seeded = kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    assert seeded == kernel_distance(real, other, subsets=5, subset_size=100, seed=3)
+    assert seeded != kernel_distance(real, other, subsets=5, subset_size=100, seed=4)
 
 
 def test_precision_and_recall_see_fidelity_and_diversity_apart():
@@ -292,3 +293,68 @@ def test_precision_and_recall_match_a_direct_computation():
     got = precision_recall(real, fake, k)
     assert got["precision"] == pytest.approx(share_inside(fake, real), abs=1e-12)
     assert got["recall"] == pytest.approx(share_inside(real, fake), abs=1e-12)
+
+
+def test_precision_counts_a_point_on_a_ball_s_edge():
+    """The balls are closed: a point at exactly the k-th neighbour's distance is inside
+    (mutation testing found ``<=`` -> ``<`` unchecked). Points on a line, k = 1: radius 1."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    assert precision_recall(real, torch.tensor([[4.0], [4.5]]), k=1)["precision"] == 0.5
+
+
+def test_parzen_log_likelihood_by_hand():
+    """The bandwidth chosen on validation, the test mean, its standard error, bits/dim on
+    the 0..255 scale and whether the bandwidth sits on the grid's edge, recomputed from
+    parzen_log_prob (itself checked against the direct formula above)."""
+    gen = torch.Generator().manual_seed(0)
+    samples, val, test = (torch.rand(n, 1, 2, 2, generator=gen, dtype=torch.float64)
+                          for n in (30, 20, 10))
+    sigmas = torch.tensor([0.02, 0.1, 0.3, 3.0], dtype=torch.float64)
+    res = parzen_log_likelihood(samples, val, test, sigmas)
+    best = int(parzen_log_prob(val, samples, sigmas).mean(1).argmax())
+    assert 0 < best < 3  # not on the grid's edge, for this data
+    ll = parzen_log_prob(test, samples, sigmas[best:best + 1])[0]
+    assert res["sigma"] == sigmas[best].item() and res["sigma_at_grid_edge"] is False
+    assert res["log_px_nats"] == pytest.approx(ll.mean().item())
+    assert res["sem_nats"] == pytest.approx(ll.std().item() / math.sqrt(10))
+    assert res["bits_per_dim"] == pytest.approx((-ll.mean().item() + 4 * math.log(255))
+                                                / (4 * math.log(2)))
+    assert res["n_samples"] == 30 and res["n_val"] == 20
+    assert parzen_log_likelihood(samples, val, test, sigmas[:best + 1])["sigma_at_grid_edge"]
+    assert parzen_log_likelihood(samples, val, test, sigmas[best:])["sigma_at_grid_edge"]
+    # The default grid: 31 bandwidths from 0.01 to 1, log-spaced.
+    assert parzen_log_likelihood(samples, val, test) == \
+        parzen_log_likelihood(samples, val, test, torch.logspace(-2, 0, 31, dtype=torch.float64))
+
+
+def test_kernel_distance_defaults():
+    """100 subsets of (at most) 1000, seed 0, as documented and as sample_quality reports."""
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(300, 4, generator=gen), torch.randn(200, 4, generator=gen)
+    assert kernel_distance(a, b) == kernel_distance(a, b, subsets=100, subset_size=1000, seed=0)
+    assert kernel_distance(a, b) != kernel_distance(a, b, subsets=101)
+
+
+def test_sample_quality_draws_its_samples_in_chunks_and_scores_them(fashion):
+    """1500 samples are drawn as 1000 + 500 from one seeded generator, and the reported
+    KID subsets and Parzen number are those of the same fakes recomputed here."""
+    train_x, _, test_x, test_y, other_x = fashion
+    drawn = []
+
+    def sample(n, gen):
+        drawn.append(n)
+        return torch.rand(n, 1, 28, 28, generator=gen) * 1.2  # beyond 1: clamped
+
+    features = shipped_feature_net("fashion-mnist")
+    res = sample_quality(sample, features, (test_x, test_y), train_x, other_x,
+                         n_samples=1500, n_parzen_val=100)
+    assert drawn == [1000, 500]
+    gen = torch.Generator().manual_seed(1234)
+    fakes = torch.cat([sample(1000, gen), sample(500, gen)]).clamp(0, 1)
+    kid = res["kid"]
+    assert (kid["subsets"], kid["subset_size"]) == (100, 500)
+    f_test = extract_features(features[0], test_x)
+    assert kid["mean"] == kernel_distance(f_test, extract_features(features[0], fakes),
+                                          subsets=100, subset_size=500, seed=1234)[0]
+    parzen = parzen_log_likelihood(fakes, other_x[:100].double() / 255, test_x.double() / 255)
+    assert res["parzen"]["log_px_nats"] == pytest.approx(parzen["log_px_nats"], rel=1e-9)

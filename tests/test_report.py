@@ -4,7 +4,9 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
+from conftest import write_idx
 from test_cli import vae
 
 from dgm.cli import main
@@ -58,10 +60,36 @@ def test_report_loads_in_headless_chromium(run_pair, tmp_path):
         assert not console, console
 
 
-def test_data_commands(real_data_dir, capsys):
-    assert main(["data", "check", "--data-dir", str(real_data_dir)]) == 0
-    out = capsys.readouterr().out
-    assert out.count(" ok ") == 6 and "train-images  missing" in out  # MNIST train absent here
+def test_data_commands(tmp_path, capsys, monkeypatch):
+    """``data list`` and ``data check`` on a folder the test builds: MNIST's training split
+    present (its files have no known checksum, so the check is structural), the rest
+    missing. Planted bug it catches: cmd_data ignoring --data-dir (``find_file(name, key,
+    None, ...)``), which lists every file missing."""
+    import dgm.data
+
+    # Only the folder built here, the empty cache and nothing of this machine's.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DGM_DATA_DIR", raising=False)
+    real = dgm.data.search_dirs
+    monkeypatch.setattr(dgm.data, "search_dirs", lambda name, data_dir=None: [
+        d for d in real(name, data_dir) if tmp_path in d.parents])
+    root = tmp_path / "data"
+    images = write_idx(root / "mnist" / "train-images-idx3-ubyte", np.zeros((5, 28, 28)))
+    labels = write_idx(root / "mnist" / "train-labels-idx1-ubyte", np.arange(5), gz=False)
+    for action in ("list", "check"):
+        assert main(["data", action, "--data-dir", str(root)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        found = [line.split()[:2] for line in lines if line.startswith("  ")]
+        fashion = [[key, "missing"] for key in ("train-images", "train-labels",
+                                                "test-images", "test-labels")]
+        assert found == [["train-images", str(images)], ["train-labels", str(labels)],
+                         ["test-images", "missing"], ["test-labels", "missing"], *fashion], lines
+        checked = [line for line in lines if " ok " in line]
+        if action == "check":
+            assert len(checked) == 2 and "ok (5, 28, 28)" in checked[0], lines
+            assert "ok (5,)" in checked[1], lines
+        else:
+            assert not checked
 
 
 def test_data_check_finds_a_corrupt_file(fake_data_dir, capsys):

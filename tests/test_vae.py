@@ -1,9 +1,9 @@
 import pytest
 import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from dgm import VAE
 from dgm.data import binarize, load_split
-from dgm.maths import kl_std_normal
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,21 @@ def trained(real_binary):
 
 
 def test_shapes_and_kl_term():
+    """Planted bug it catches: the noise scaled by the variance, z = mu + exp(logvar) eps
+    (report eq. 32), which the former ``kl == kl_std_normal(mu, logvar)`` let through."""
     vae = VAE(latent_dim=3, hidden_dim=16)
     x = torch.bernoulli(torch.full((4, 1, 28, 28), 0.5))
     mu, logvar = vae.encode(x)
     assert mu.shape == logvar.shape == (4, 3)
     assert vae.decode(mu).shape == (4, 784)
+    torch.manual_seed(5)
     rec, kl = vae(x)
-    torch.testing.assert_close(kl, kl_std_normal(mu, logvar))
-    assert (kl >= 0).all() and (rec <= 0).all()
+    # By hand, not through dgm.maths (which forward calls): the closed-form KL and the
+    # Bernoulli log-likelihood at z = mu + sigma eps, the same eps.
+    torch.manual_seed(5)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    torch.testing.assert_close(kl, 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1))
+    torch.testing.assert_close(rec, Bernoulli(logits=vae.decode(z)).log_prob(x.flatten(1)).sum(-1))
     assert vae.sample(5).shape == (5, 1, 28, 28)
     with pytest.raises(ValueError, match="latent_dim 2"):
         vae.manifold(4)
@@ -113,11 +120,13 @@ def test_kl_is_closed_form_for_gaussian_and_monte_carlo_for_vamp():
     x = torch.bernoulli(torch.full((6, 1, 28, 28), 0.3))
     # The N(0, I) prior: closed form, so the same value whatever the noise.
     gaussian = VAE(latent_dim=3, hidden_dim=16)
-    torch.testing.assert_close(gaussian(x)[1], gaussian(x)[1])
+    mu, logvar = gaussian.encode(x)
+    closed = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(gaussian(x)[1], closed)
     # Its one-sample Monte-Carlo KL (as the IWAE terms compute it) averages to the closed form.
     torch.manual_seed(1)
     _, log_ratio = gaussian._iwae_terms(x, 20000)
-    torch.testing.assert_close(-log_ratio.mean(0), gaussian(x)[1], atol=0.05, rtol=0.01)
+    torch.testing.assert_close(-log_ratio.mean(0), closed, atol=0.05, rtol=0.01)
     # The VampPrior has no closed form: the KL is log q(z|x) - log p(z) at the sampled z,
     # so it varies with the noise, and equals the IWAE terms' ratio at k = 1, same noise.
     vamp = _vamp()
@@ -132,15 +141,22 @@ def test_kl_is_closed_form_for_gaussian_and_monte_carlo_for_vamp():
 
 @pytest.mark.parametrize("prior", ["gaussian", "vamp"])
 def test_iwae_objective_is_the_elbo_at_k1_and_rises_with_k(prior, real_binary):
+    """At k = 1 the bound is the one-sample ELBO computed by hand with torch.distributions.
+    Planted bug it catches: log q(z|x) halved in _log_weights (the former check compared
+    iwae_bound with the same _iwae_terms it is built from)."""
     torch.manual_seed(0)
     model = VAE(latent_dim=4, hidden_dim=32, prior=prior, num_pseudo_inputs=10)
     x = real_binary[:50]
     with torch.no_grad():
         torch.manual_seed(3)
         k1 = model.iwae_bound(x, 1)
+        # The one-sample ELBO by hand, at the same draw: log p(x|z) + log p(z) - log q(z|x).
         torch.manual_seed(3)
-        rec, log_ratio = model._iwae_terms(x, 1)
-        torch.testing.assert_close(k1, rec[0] + log_ratio[0])  # the one-sample ELBO
+        mu, logvar = model.encode(x)
+        q = Normal(mu, torch.exp(0.5 * logvar))
+        z = mu + q.scale * torch.randn(1, *mu.shape)[0]
+        rec = Bernoulli(logits=model.decode(z)).log_prob(x.flatten(1)).sum(-1)
+        torch.testing.assert_close(k1, rec + model.log_prior(z) - q.log_prob(z).sum(-1))
         means = [torch.stack([model.iwae_bound(x, k) for _ in range(20)]).mean().item()
                  for k in (1, 10, 100)]
     assert means[0] < means[1] < means[2], means
@@ -175,3 +191,95 @@ def test_kl_warm_up_weights_the_kl_term_from_zero():
     torch.manual_seed(0)
     torch.testing.assert_close(model.iwae_bound(x, 3, beta=0.0),
                                torch.logsumexp(rec, 0) - torch.log(torch.tensor(3.0)))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_training_step_is_one_step_on_the_bound(k):
+    """With SGD at lr 1 the step moves the weights by minus the gradient of the bound
+    (the ELBO with its closed-form KL at k = 1, IWAE_k otherwise) computed by hand at the
+    same noise, and reports the bound and KL of those draws (mutation testing found the
+    KL's weight without warm-up, the k = 1 branch and the reported IWAE unchecked)."""
+    import copy
+    import math
+
+    model = VAE(latent_dim=3, hidden_dim=16, iwae_k=k)
+    twin = copy.deepcopy(model)
+    x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3))
+    torch.manual_seed(1)
+    out = model.training_step(x, {"adam": torch.optim.SGD(model.parameters(), lr=1.0)})
+    torch.manual_seed(1)
+    if k == 1:
+        rec, kl = twin(x)
+        bound, reported = rec - kl, {"train_elbo": (rec - kl).mean(), "train_kl": kl.mean()}
+    else:
+        rec, log_ratio = twin._iwae_terms(x, k)
+        bound = torch.logsumexp(rec + log_ratio, 0) - math.log(k)
+        reported = {"train_iwae": bound.mean(), "train_kl": -log_ratio.mean()}
+    (-bound.mean()).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q - q.grad, msg=name)
+    assert set(out) == set(reported)
+    for key, v in reported.items():
+        torch.testing.assert_close(out[key], v.detach(), msg=key)
+
+
+def test_the_reports_vae_by_default():
+    """z = 20, one hidden layer of 500, 500 pseudo-inputs of small logits, no warm-up, the
+    ELBO as the best checkpoint's measure unless trained on IWAE_k with k >= 2, a 20 x 20
+    manifold."""
+    from dgm.config import VAEConfig
+
+    model = VAE()
+    assert [m.out_features for m in model.encoder.modules()
+            if isinstance(m, torch.nn.Linear)] == [500, 40]
+    assert model.iwae_k == 1 and model.kl_warmup_steps == 0
+    assert "kl_weight" not in VAE(latent_dim=3, hidden_dim=8).training_step(
+        torch.zeros(2, 1, 28, 28), VAE(latent_dim=3, hidden_dim=8).configure_optimizers(
+            type("C", (), {"lr": 1e-3})))
+    vamp = VAE(prior="vamp")
+    assert vamp.pseudo_logits.shape == (500, 784)
+    assert 0.09 < vamp.pseudo_logits.std().item() < 0.11
+    assert VAE(iwae_k=1).best_metric == ("val_elbo", "max")
+    assert VAE(iwae_k=2).best_metric == ("val_iwae", "max")
+    assert VAE.from_config(VAEConfig()).image_shape == (1, 28, 28)
+    assert VAE(latent_dim=2, hidden_dim=8).manifold().shape == (400, 1, 28, 28)
+    for layers in (1, 2):  # a ReLU after every hidden layer, none after the last
+        relus = [type(m) for m in VAE(hidden_layers=layers).encoder]
+        assert relus.count(torch.nn.ReLU) == layers and relus[-1] is torch.nn.Linear
+
+
+def test_vamp_prior_draws_prepare_and_iwae_validation():
+    """VampPrior draws are a component's mean plus its std times eps; prepare binarises;
+    validation reports IWAE_k for a model trained on it."""
+    model = _vamp()
+    mu, logvar = model.prior_params()
+    eps = torch.randn(6, mu.shape[1])
+    z = model._prior_draws(eps, (mu, logvar), torch.Generator().manual_seed(3))
+    k = torch.randint(len(mu), (6,), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(z, mu[k] + torch.exp(0.5 * logvar[k]) * eps)
+    assert model.sample_prior(4).shape == (4, mu.shape[1])
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert torch.equal(VAE.prepare(x, torch.Generator().manual_seed(0)),
+                       binarize(x, torch.Generator().manual_seed(0)))
+    out = VAE(latent_dim=3, hidden_dim=8, iwae_k=3).validation_step(
+        torch.bernoulli(torch.full((4, 1, 28, 28), 0.3)))
+    assert set(out) == {"val_elbo", "val_kl", "val_iwae"}
+    assert "val_iwae" not in VAE(latent_dim=3, hidden_dim=8).validation_step(
+        torch.bernoulli(torch.full((4, 1, 28, 28), 0.3)))
+
+
+def test_log_likelihood_decodes_k_samples_in_chunks():
+    """Rows decoded per chunk: 4096 on the CPU by default, at least one image's k draws per
+    chunk however small ``chunk_rows``, and k draws in all."""
+    model = VAE(latent_dim=3, hidden_dim=8)
+    rows = []
+    model.decoder.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    x = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
+    model.log_likelihood(x[:1], 5000)
+    assert rows == [4096, 904]
+    rows.clear()
+    model.log_likelihood(x, 3, chunk_rows=1)
+    assert rows == [2, 2, 2]
+    rows.clear()
+    model.log_likelihood(x, 10, chunk_rows=6)
+    assert rows == [6, 6, 6, 2]
