@@ -346,9 +346,10 @@ def test_sample_quality_draws_its_samples_in_chunks_and_scores_them(fashion):
         return torch.rand(n, 1, 28, 28, generator=gen) * 1.2  # beyond 1: clamped
 
     features = shipped_feature_net("fashion-mnist")
-    res = sample_quality(sample, features, (test_x, test_y), train_x, other_x,
-                         n_samples=1500, n_parzen_val=100)
-    assert drawn == [1000, 500]
+    fakes = draw_samples(sample, 1500, torch.Generator().manual_seed(1234))
+    assert drawn == [1000, 500] and fakes.max() <= 1
+    res = sample_quality(fakes, features, (test_x, test_y), train_x, other_x,
+                         n_parzen_val=100)
     gen = torch.Generator().manual_seed(1234)
     fakes = torch.cat([sample(1000, gen), sample(500, gen)]).clamp(0, 1)
     kid = res["kid"]
