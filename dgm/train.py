@@ -216,6 +216,10 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             _set_learning_rate(optimizers, cfg, epoch)
             stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
                                        epoch + 1, step, quiet, ctx, threads, averaged)
+            if averaged is not None and hasattr(shown, "refresh_statistics"):
+                # Statistics of the averaged weights (the GAN's BatchNorm), from a generator of
+                # their own, so that the data order and the noise stream stay as they were.
+                shown.refresh_statistics(torch.Generator(device).manual_seed(cfg.seed + 3))
             ctx.broadcast_module(shown)  # BatchNorm statistics are per rank; keep rank 0's
             if shown is not model:
                 ctx.broadcast_module(model)
