@@ -101,6 +101,20 @@ class GANConfig(TrainConfig):
     beta1: float = opt(0.5, "Adam beta1 (0.5 as in DCGAN; 0.9 lets D win at once)",
                        min=0.0, below=1.0)
     beta2: float = opt(0.999, "Adam beta2", min=0.0, below=1.0)
+    arch: str = opt("mlp", "networks: the report's MLPs (mlp) or small DCGAN-style conv nets "
+                           "(conv; H and W divisible by 4)", choices=("mlp", "conv"))
+    hidden_dim: int | None = opt(None, "base channels of the conv arch (default 64; the mlp "
+                                       "arch keeps the report's widths)", min=1, max=MAX_WIDTH)
+    loss: str = opt("ns", "adversarial loss: non-saturating from logits (ns), hinge (Miyato et "
+                          "al., 2018) or WGAN-GP (wgan-gp; Gulrajani et al., 2017)",
+                    choices=("ns", "hinge", "wgan-gp"))
+    gp_weight: float = opt(10.0, "weight of WGAN-GP's gradient penalty (--loss wgan-gp)", min=0.0)
+    spectral_norm: bool = opt(False, "spectral normalisation of the discriminator's layers "
+                                     "(Miyato et al., 2018)")
+    r1_weight: float = opt(0.0, "weight gamma of the R1 penalty gamma/2 E||grad D(x)||^2 on real "
+                                "images (Mescheder et al., 2018; 0 = off)", min=0.0)
+    d_steps: int = opt(1, "discriminator updates per generator update (each with fresh noise, "
+                          "on the step's real batch)", min=1, max=100)
     sample_epochs: list[int] = opt([0, 2, 8, 100, 200],
                                    "epochs at which to save a sample grid (0 = before training)")
 

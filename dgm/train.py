@@ -245,6 +245,10 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             # BatchNorm statistics are per rank (each saw its part of the batch): keep rank
             # 0's. Parameters stay identical without a copy (the same averaged gradients).
             ctx.broadcast_buffers(model)
+            if averaged is not None and hasattr(shown, "refresh_statistics"):
+                # Statistics of the averaged weights (the GAN's BatchNorm), from a generator of
+                # their own, so that the data order and the noise stream stay as they were.
+                shown.refresh_statistics(torch.Generator(device).manual_seed(cfg.seed + 3))
             if shown is not model:
                 ctx.broadcast_buffers(shown)
             val = _validate(shown, val_in, cfg, device, ctx)

@@ -39,7 +39,7 @@ def options(fake_data_dir, **extra):
             "batch_size": 32, "sample_epochs": [], **extra}
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow"])
 def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model):
     """Ranks end identical with no parameter copied after the start. Planted bug it
     catches: the gradient average removed. (Context.broadcast_buffers doing nothing is not
@@ -47,7 +47,11 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
     seeing only z, which every rank draws alike from the same seed.)"""
     run = tmp_path / "run"
     extra = {"vae": {"hidden_dim": 32}, "gan": {},
+             # Double backward (the penalties), spectral norm's power iteration, the average.
+             "gan-conv": {"arch": "conv", "hidden_dim": 8, "loss": "wgan-gp",
+                          "spectral_norm": True, "r1_weight": 1.0, "d_steps": 2, "ema": 0.9},
              "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1}}[model]
+    model = model.removesuffix("-conv")
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """The GAN: architecture, losses, updates, learning, interpolation and the command line."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,9 +10,19 @@ from dgm import GAN
 from dgm.cli import main
 from dgm.config import GANConfig
 from dgm.data import load_split
+from dgm.errors import DgmError
+from dgm.evaluate import load_model
 from dgm.features import SHIPPED, extract_features, shipped_feature_net
 from dgm.interpolation import interpolate, interpolation_rows
-from dgm.models.gan import Discriminator, Generator, discriminator_loss, generator_loss
+from dgm.models.gan import (
+    Discriminator,
+    Generator,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    r1_penalty,
+    random_interpolates,
+)
 from dgm.quality import frechet_distance
 from dgm.runs import load_checkpoint
 
@@ -230,3 +241,216 @@ def test_interpolate_bad_flags_are_one_line_errors(flags, tmp_path, capsys):
     code = main(["interpolate", str(tmp_path), "--out", str(tmp_path / "i.png"), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith("dgm: error:")
+
+
+# Beyond the report: the conv arch, the hinge and WGAN-GP losses, the penalties, spectral
+# normalisation, several D steps and the averaged generator.
+
+
+def test_conv_arch_takes_the_data_shape():
+    for shape in ((1, 28, 28), (3, 32, 32), (3, 16, 24)):
+        gan = GAN(arch="conv", image_shape=shape, hidden_dim=8)
+        x = gan.sample(3)
+        assert x.shape == (3, *shape) and 0 <= x.min() and x.max() <= 1
+        assert gan.discriminate(x * 2 - 1).shape == (3,)
+    gan = GAN(arch="conv")  # the default width: ~0.9 M parameters, CPU-sized
+    assert n_params(gan.generator) == 791_777 and n_params(gan.discriminator) == 138_561
+    with pytest.raises(DgmError, match="divisible by 4"):
+        GAN(arch="conv", image_shape=(1, 30, 30))
+    with pytest.raises(DgmError, match="mlp arch"):
+        GAN(hidden_dim=8)
+
+
+def test_losses_equal_their_textbook_forms():
+    gen = torch.Generator().manual_seed(0)
+    r, f = torch.randn(9, generator=gen, dtype=torch.float64) * 3, \
+        torch.randn(9, generator=gen, dtype=torch.float64) * 3
+    sig = ([1 / (1 + math.exp(-v)) for v in r.tolist()],
+           [1 / (1 + math.exp(-v)) for v in f.tolist()])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    # Non-saturating GAN: L_D = -E log D(x) - E log(1 - D(G(z))), L_G = -E log D(G(z)).
+    ns_d = mean([-math.log(d) for d in sig[0]]) + mean([-math.log(1 - d) for d in sig[1]])
+    assert discriminator_loss(r, f, "ns").item() == pytest.approx(ns_d, rel=1e-12)
+    ns_g = mean([-math.log(d) for d in sig[1]])
+    assert generator_loss(f, loss="ns").item() == pytest.approx(ns_g, rel=1e-12)
+    # Hinge (Miyato et al., 2018): L_D = E max(0, 1 - D(x)) + E max(0, 1 + D(G(z))).
+    hinge_d = mean([max(0, 1 - v) for v in r.tolist()]) + mean([max(0, 1 + v) for v in f.tolist()])
+    assert discriminator_loss(r, f, "hinge").item() == pytest.approx(hinge_d, rel=1e-12)
+    assert generator_loss(f, loss="hinge").item() == pytest.approx(-mean(f.tolist()), rel=1e-12)
+    # WGAN critic: E D(G(z)) - E D(x); generator -E D(G(z)).
+    assert discriminator_loss(r, f, "wgan-gp").item() == pytest.approx(
+        mean(f.tolist()) - mean(r.tolist()), rel=1e-12)
+    assert generator_loss(f, loss="wgan-gp").item() == pytest.approx(-mean(f.tolist()), rel=1e-12)
+
+
+def test_interpolates_lie_on_each_pair_segment_with_one_weight_per_image():
+    real, fake = torch.rand(64, 1, 4, 4) + 2, torch.rand(64, 1, 4, 4) - 2  # never equal
+    x_hat = random_interpolates(real, fake)
+    t = ((x_hat - fake) / (real - fake)).flatten(1)  # (B, pixels): the weight per pixel
+    # One weight per image: the same along every pixel, in [0, 1], differing across images.
+    torch.testing.assert_close(t, t[:, :1].expand_as(t), atol=1e-5, rtol=0)
+    assert (t >= 0).all() and (t <= 1).all()
+    assert t[:, 0].std() > 0.15  # U(0, 1) has std 0.29; a constant weight has 0
+
+
+def test_gradient_penalty_equals_a_direct_autograd_computation():
+    torch.manual_seed(0)
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 5), torch.nn.Tanh(),
+                                 torch.nn.Linear(5, 1), torch.nn.Flatten(0))
+    real, fake = torch.randn(6, 2, 2, 2), torch.randn(6, 2, 2, 2)
+    torch.manual_seed(1)
+    gp = gradient_penalty(critic, real, fake)
+    torch.manual_seed(1)
+    x_hat = random_interpolates(real, fake)  # the same draw
+    direct = []
+    for i in range(len(x_hat)):  # one image at a time: the gradient of its own score
+        xi = x_hat[i:i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(critic(xi).sum(), xi)
+        direct.append((g.norm() - 1) ** 2)
+    torch.testing.assert_close(gp, torch.stack(direct).mean(), rtol=1e-5, atol=1e-7)
+    # It is part of the graph, so D's update trains on it.
+    weights = [critic[1].weight, critic[3].weight]  # (the last bias does not move grad D)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(gp, weights))
+    # A linear critic D(x) = w.x has gradient w everywhere: the penalty is (||w|| - 1)^2.
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 1), torch.nn.Flatten(0))
+    w = lin[1].weight
+    torch.testing.assert_close(gradient_penalty(lin, real, fake), (w.norm() - 1) ** 2)
+    torch.testing.assert_close(r1_penalty(lin, real), w.square().sum())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_spectral_norm_makes_the_largest_singular_value_one(arch):
+    gan = GAN(arch=arch, hidden_dim=8 if arch == "conv" else None, spectral_norm=True).train()
+    x = torch.rand(4, 1, 28, 28)
+    for _ in range(500):  # one power iteration per training forward pass
+        gan.discriminate(x)
+    layers = [m for m in gan.discriminator.modules() if hasattr(m, "parametrizations")]
+    assert len(layers) == 3  # every linear and conv layer
+    for m in layers:
+        w = m.weight  # the normalised weight
+        sigma = torch.linalg.svdvals(w.detach().reshape(len(w), -1))[0]
+        assert abs(sigma.item() - 1) < 1e-2, sigma
+        raw = m.parametrizations.weight.original
+        assert torch.linalg.svdvals(raw.detach().reshape(len(raw), -1))[0] != pytest.approx(1)
+
+
+def test_every_loss_and_penalty_updates_both_networks():
+    for kw in ({"loss": "hinge", "spectral_norm": True}, {"loss": "wgan-gp", "d_steps": 3},
+               {"r1_weight": 10.0}):
+        gan = GAN(arch="conv", hidden_dim=8, **kw)
+        opts = gan.configure_optimizers(GANConfig())
+        before = {k: v.clone() for k, v in gan.state_dict().items()}
+        out = gan.training_step(torch.rand(8, 1, 28, 28) * 2 - 1, opts)
+        assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(out), kw
+        assert ("gp" in out) == (kw.get("loss") == "wgan-gp")
+        assert ("r1" in out) == ("r1_weight" in kw)
+        assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+        for net in ("generator", "discriminator"):
+            assert any(not torch.equal(v, before[k]) for k, v in gan.state_dict().items()
+                       if k.startswith(net)), (kw, net)
+        assert opts["discriminator"].state_dict()["state"][0]["step"] == kw.get("d_steps", 1)
+        assert opts["generator"].state_dict()["state"][0]["step"] == 1
+
+
+def test_refreshed_statistics_are_those_of_the_current_weights():
+    gan = GAN(arch="conv", hidden_dim=8).eval()
+    bn = gan.generator.net[0]  # the first BatchNorm, on the projected noise
+    gan.refresh_statistics(torch.Generator().manual_seed(0), n=4000)
+    z = torch.randn(4000, gan.latent_dim, generator=torch.Generator().manual_seed(1))
+    h = gan.generator.project(z).view(len(z), *gan.generator.start)  # BN's input (B, 2c, h, w)
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), atol=0.02, rtol=0)
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3)), atol=0.02, rtol=0.05)
+    assert not gan.generator.training and bn.momentum == 0.1  # mode and momentum restored
+
+
+# The 8 places of the toy data's modes: a 3x3 grid of 4x4 squares in 16x16 images, less its
+# centre. Apart, so that each sample is near one mode or none.
+PLACES = [(r, c) for r in (1, 6, 11) for c in (1, 6, 11) if (r, c) != (6, 6)]
+
+
+def squares(modes: torch.Tensor) -> torch.Tensor:
+    """uint8 images (n, 1, 16, 16), each a white 4x4 square at place ``modes[i]`` (0..7) on
+    black: a data set whose 8 modes are known."""
+    x = torch.zeros(len(modes), 1, 16, 16, dtype=torch.uint8)
+    for i, m in enumerate(modes.tolist()):
+        r, c = PLACES[m]
+        x[i, 0, r:r + 4, c:c + 4] = 255
+    return x
+
+
+def modes_covered(gan: GAN, n: int = 800) -> int:
+    """Modes that get at least a quarter of their share n/8 of the samples, counting only
+    samples closer to a mode's image than half the distance between two modes."""
+    centres = squares(torch.arange(8)).flatten(1).float() / 255  # (8, 256)
+    x = gan.eval().sample(n, generator=torch.Generator().manual_seed(0)).flatten(1)
+    dist, nearest = torch.cdist(x, centres).min(1)
+    half = torch.cdist(centres[:1], centres[1:2]).item() / 2  # sqrt(32) / 2
+    counts = torch.bincount(nearest[dist < half], minlength=8)
+    return int((counts >= n / 8 / 4).sum())
+
+
+@pytest.mark.xfail(strict=True, reason="measured: on these squares the conv GAN (ns, or hinge "
+                   "with spectral norm) collapses to one near-blank image within 160-192 steps "
+                   "while the MLP GAN covers 3-7 modes; on Fashion-MNIST the conv GAN's recall "
+                   "is 0.65 against the MLP's 0.14 (BENCHMARKS.md). A toy that shows it is open")
+def test_conv_gan_covers_more_modes_than_the_mlp_gan():
+    data = GAN.prepare(squares(torch.randint(0, 8, (1024,),
+                                             generator=torch.Generator().manual_seed(0))))
+    covered = {}
+    for arch, kw in (("mlp", {}), ("conv", {"hidden_dim": 16, "loss": "hinge",
+                                            "spectral_norm": True})):
+        torch.manual_seed(0)
+        gan = GAN(latent_dim=16, image_shape=(1, 16, 16), arch=arch, **kw)
+        opts = gan.configure_optimizers(GANConfig())
+        gan.train()
+        for _ in range(STEPS // 16):  # the same steps of 64 images for both
+            for idx in torch.randperm(len(data)).split(64):
+                gan.training_step(data[idx], opts)
+        covered[arch] = modes_covered(gan)
+    assert covered["conv"] > covered["mlp"], covered
+    assert covered["conv"] >= 6, covered
+
+
+STEPS = 160
+
+
+def test_trainer_uses_the_averaged_generator_with_fresh_statistics(fake_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "gan", "--dataset", "mnist", "--data-dir", str(fake_data_dir),
+                 "--offline", "--train-split", "train[:128]", "--val-split", "test[:32]",
+                 "--epochs", "2", "--batch-size", "32", "--sample-epochs", "0", "--quiet",
+                 "--arch", "conv", "--hidden-dim", "8", "--ema", "0.9", "--out", str(run)]) == 0
+    _, cfg, model, _ = load_model(run, "last", "cpu")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in ckpt["ema_state_dict"].items()
+           if k.startswith("module.")}
+    # What evaluation loads is the average, not the raw weights ...
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(ema["generator.project.weight"],
+                           ckpt["state_dict"]["generator.project.weight"])
+    # ... with BatchNorm statistics recomputed for the averaged weights (as the trainer does).
+    fresh = GAN.from_config(cfg, (1, 28, 28))
+    fresh.load_state_dict(model.state_dict())
+    fresh.refresh_statistics(torch.Generator().manual_seed(cfg.seed + 3))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_resumed_conv_gan_run_equals_uninterrupted_run(fake_data_dir, tmp_path):
+    common = ["--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+              "--train-split", "train[:128]", "--val-split", "test[:32]", "--batch-size", "32",
+              "--sample-epochs", "0", "--quiet", "--arch", "conv", "--hidden-dim", "8",
+              "--loss", "wgan-gp", "--spectral-norm", "--r1-weight", "1", "--d-steps", "2",
+              "--ema", "0.9"]
+    assert main(["train", "gan", *common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "gan", *common, "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", "gan", *common, "--epochs", "2", "--resume", str(tmp_path / "b")]) == 0
+    rows = [(tmp_path / r / "metrics.csv").read_text().splitlines() for r in "ab"]
+    assert rows[0][0].split(",")[:4] == ["epoch", "step", "d_loss", "g_loss"]
+    assert "gp" in rows[0][0] and "r1" in rows[0][0]
+    assert rows[0][2].split(",")[:-1] == rows[1][2].split(",")[:-1]
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)
+            for r in "ab")
+    for key in ("state_dict", "ema_state_dict"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)

@@ -139,6 +139,11 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
              "vamp", "--num-pseudo-inputs", "5", "--lr-schedule", "cosine", "--patience", "1"]),
     ("flow", ["--dequantization", "variational", "--ema", "0.9"]),
     ("gan", ["--ema", "0.9"]),
+    # The conv GAN with each loss and regulariser, averaged, through every command.
+    ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "hinge", "--spectral-norm",
+             "--ema", "0.9"]),
+    ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
+             "--r1-weight", "1", "--d-steps", "2"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"

@@ -120,13 +120,15 @@ def test_what_each_source_gives(tmp_path):
     assert (load_split(str(data), "test")[1] == -1).all()
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow"])
 def test_builtin_models_on_32x32_rgb(model, tmp_path, capsys):
     x, _ = blobs(80, 32, 32, 3)
     data = tmp_path / "rgb.npz"
     np.savez(data, x_train=x[:64], x_test=x[64:])
     run = tmp_path / "run"
-    assert main(train_argv(model, data, run)) == 0
+    extra = ["--arch", "conv", "--hidden-dim", "8"] if model == "gan-conv" else []
+    model = model.removesuffix("-conv")
+    assert main(train_argv(model, data, run) + extra) == 0
     assert Image.open(run / "samples" / "epoch_001.png").mode == "RGB"
     assert main(["evaluate", str(run), "--iw-samples", "5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -149,6 +151,13 @@ def test_flow_needs_sizes_its_squeezes_divide(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x_train=x, x_test=x[:8])
     one_line_error(capsys, train_argv("flow", tmp_path / "d.npz", tmp_path / "run"),
                    "divisible by 4, and these images are 30x30; use --num-scales 1")
+
+
+def test_conv_gan_needs_sizes_its_strides_divide(tmp_path, capsys):
+    x, _ = blobs(40, 30, 30)
+    np.savez(tmp_path / "d.npz", x_train=x, x_test=x[:8])
+    one_line_error(capsys, train_argv("gan", tmp_path / "d.npz", tmp_path / "run") +
+                   ["--arch", "conv"], "H and W must be divisible by 4; these images are 30x30")
 
 
 def npy_bytes(array: np.ndarray, cut: int = 0) -> bytes:

@@ -14,7 +14,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 def test_there_are_recipes():
     assert {p.stem for p in RECIPES} >= {"vae-fashion-mnist", "vae-mnist", "flow-fashion-mnist",
-                                       "flow-mnist"}
+                                       "flow-mnist", "gan-fashion-mnist", "gan-mnist"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

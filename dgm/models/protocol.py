@@ -24,9 +24,13 @@ class GenerativeModel(Protocol):
     Optional members: ``initialize(x)`` (data-dependent initialisation from one prepared
     batch, before the first epoch); ``latent_dim`` with ``manifold(n)`` (``dgm manifold``,
     drawn when latent_dim is 2); ``generate(z)`` with ``latent_dim`` or ``latent_shape``
-    (``dgm interpolate``). Your own class may carry a ``Config``: a dataclass that
-    subclasses :class:`dgm.config.TrainConfig` with its own options (int, float, bool,
-    str, list[int], each optionally None), which become flags and YAML keys; without one
+    (``dgm interpolate``); ``refresh_statistics(generator)`` (called on the moving average
+    of the weights with ``--ema`` after each epoch, before validation, pictures and the
+    checkpoint: recompute what depends on the weights, such as BatchNorm running
+    statistics, which averaging does not keep consistent). Your own class may carry a
+    ``Config``: a dataclass that subclasses :class:`dgm.config.TrainConfig` with its own
+    options (int, float, bool, str, list[int], each optionally None), which become flags
+    and YAML keys; without one
     the model gets the base options.
     """
 
