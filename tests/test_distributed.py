@@ -39,11 +39,12 @@ def options(fake_data_dir, **extra):
             "batch_size": 32, "sample_epochs": [], **extra}
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "flow", "diffusion"])
 def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model):
     run = tmp_path / "run"
     extra = {"vae": {"hidden_dim": 32}, "gan": {},
-             "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1}}[model]
+             "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1},
+             "diffusion": {"channels": 8, "channel_mults": [1, 2], "sample_steps": 2}}[model]
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)
