@@ -1,6 +1,6 @@
-"""dgm: deep generative models on small image data (VAE, GAN, RealNVP)."""
+"""dgm: deep generative models on small image data (VAE, GAN, RealNVP, diffusion)."""
 
-__all__ = ["GAN", "VAE", "RealNVP", "load"]
+__all__ = ["GAN", "VAE", "Diffusion", "RealNVP", "load"]
 __version__ = "0.1.0"
 
 

@@ -77,7 +77,7 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run folder")
     p.add_argument("--model", metavar="MODULE:CLASS", dest="model_path",
                    help="train your own model class, named by import path, in place of "
-                        "vae/gan/flow (then: dgm train --model MODULE:CLASS --help)")
+                        "vae/gan/flow/diffusion (then: dgm train --model MODULE:CLASS --help)")
     models = p.add_subparsers(dest="model", required=True, parser_class=Parser)
     own = {own_model: config_class(own_model)} if own_model not in (None, *CONFIGS) else {}
     for name, cls in (CONFIGS | own).items():
@@ -104,6 +104,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dequant-samples", type=int, default=1, metavar="K",
                    help="flow: also the importance-weighted bound over K dequantisation draws "
                         "per image, beside the one-draw bound (default 1: only that)")
+    p.add_argument("--time-samples", type=int, default=8, metavar="K",
+                   help="diffusion: draws of t per image for the bound's time integral, "
+                        "stratified (default 8)")
     p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                    help="VAE: also the naive prior-sampling estimate of report 1.4, which "
                         "costs as much as the IWAE one (default: on)")
@@ -125,6 +128,8 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--npz", metavar="FILE.npz", type=_path,
                    help="the samples as one float32 array (N, H, W) or (N, H, W, C) in [0, 1], "
                         "for dgm score; a new file")
+    p.add_argument("--sample-steps", type=int, metavar="N",
+                   help="diffusion: denoising steps (default: the run's --sample-steps)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -242,14 +247,15 @@ def cmd_evaluate(args) -> int:
     from dgm.zoo import is_packed, open_run
 
     if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5
-            and 1 <= args.dequant_samples <= 10 ** 4):
-        raise DgmError("--iw-samples must lie in 1..1000000, --dequant-samples in 1..10000 "
-                       "and --batch-size in 1..100000")
+            and 1 <= args.dequant_samples <= 10 ** 4 and 1 <= args.time_samples <= 10 ** 4):
+        raise DgmError("--iw-samples must lie in 1..1000000, --dequant-samples and "
+                       "--time-samples in 1..10000 and --batch-size in 1..100000")
     with open_run(args.run) as run:
         results = evaluate_run(run, args.split, args.iw_samples, args.batch_size, args.device,
                                args.data_dir, args.offline, args.checkpoint,
                                quiet=args.quiet or args.json, sample_quality=args.sample_quality,
-                               naive=args.naive, dequant_samples=args.dequant_samples)
+                               naive=args.naive, dequant_samples=args.dequant_samples,
+                               time_samples=args.time_samples)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -292,7 +298,14 @@ def cmd_sample(args) -> int:
     out = _png(args.out) if args.out else None
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
-        _, _, model, _ = load_model(run, args.checkpoint, args.device)
+        name, _, model, _ = load_model(run, args.checkpoint, args.device)
+    if args.sample_steps is not None:
+        if not hasattr(model, "sample_steps"):
+            raise DgmError(f"--sample-steps is for diffusion runs, and {args.run} holds a "
+                           f"{name}")
+        if not 1 <= args.sample_steps <= 10000:
+            raise DgmError("--sample-steps must lie in 1..10000")
+        model.sample_steps = args.sample_steps
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:
@@ -438,7 +451,8 @@ def cmd_interpolate(args) -> int:
                                      ("generate(z)", hasattr(model, "generate"))) if not ok]
     if missing:
         raise DgmError(f"{args.run} holds a {name} model, which cannot be interpolated (it "
-                       f"has no {' and no '.join(missing)}); give a gan, vae or flow run")
+                       f"has no {' and no '.join(missing)}); give a gan, vae, flow or diffusion "
+                       "run")
     dev = next(model.parameters()).device
     gen = torch.Generator(dev).manual_seed(args.seed)
     z = interpolation_rows(args.rows, args.steps, tuple(shape), args.method, gen, dev)

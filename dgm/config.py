@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from dgm.errors import DgmError
 
-__all__ = ["CONFIGS", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig", "config_class",
-           "from_dict"]
+__all__ = ["CONFIGS", "DiffusionConfig", "FlowConfig", "GANConfig", "TrainConfig", "VAEConfig",
+           "config_class", "from_dict"]
 
 
 def opt(default, help: str, **limits):
@@ -147,7 +147,43 @@ class FlowConfig(TrainConfig):
                                    "epochs at which to save a sample grid (0 = before training)")
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig}
+@dataclass
+class DiffusionConfig(TrainConfig):
+    channels: int = opt(32, "width of the U-Net's first level", min=1, max=MAX_WIDTH)
+    channel_mults: list[int] = opt([1, 2, 2], "width of each U-Net level as a multiple of "
+                                              "--channels; the resolution halves between levels",
+                                   items="positive integers", item_min=1)
+    num_res_blocks: int = opt(1, "residual blocks per U-Net level", min=1, max=16)
+    dropout: float = opt(0.0, "dropout inside the residual blocks", min=0.0, below=1.0)
+    loss: str = opt("elbo", "objective: the continuous-time variational bound in bits/dim "
+                            "(elbo; Kingma et al., 2021) or the unweighted eps error with t "
+                            "uniform (simple; Ho et al., 2020)", choices=("elbo", "simple"))
+    parameterization: str = opt("eps", "what the U-Net predicts: the noise (eps) or "
+                                       "v = alpha eps - sigma x (v)", choices=("eps", "v"))
+    schedule: str = opt("linear", "-log SNR(t) from --gamma-min to --gamma-max: linear in t "
+                                  "(VDM) or the cosine schedule (Nichol & Dhariwal, 2021)",
+                        choices=("linear", "cosine"))
+    gamma_min: float = opt(-13.3, "-log SNR at t = 0 (sets the decoder's noise)", min=-30.0,
+                           max=30.0)
+    gamma_max: float = opt(5.0, "-log SNR at t = 1 (sets the prior term)", min=-30.0, max=30.0)
+    sampler: str = opt("ddim", "sampler of the sample grids, dgm sample and --sample-quality: "
+                               "ancestral (ddpm) or deterministic DDIM (ddim)",
+                       choices=("ddpm", "ddim"))
+    sample_steps: int = opt(25, "denoising steps per sample", min=1, max=10000)
+    lr: float = opt(5e-4, "Adam learning rate", min=0.0)
+    grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", min=0.0)
+    # Diffusion samples from the raw weights are noisy; the average is what works.
+    ema: float = opt(0.999, "decay of a moving average of the weights that validation, the "
+                            "best checkpoint, pictures and evaluation use (0 = off)",
+                     min=0.0, below=1.0)
+    batch_size: int = opt(64, "images per optimisation step", min=1, max=1 << 16)
+    epochs: int = opt(20, "number of epochs", min=0)
+    sample_epochs: list[int] = opt([0, 1, 5, 10, 20],
+                                   "epochs at which to save a sample grid (0 = before training)")
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"vae": VAEConfig, "gan": GANConfig, "flow": FlowConfig,
+                                         "diffusion": DiffusionConfig}
 
 
 def _is_path(value: str) -> bool:
@@ -170,10 +206,11 @@ def _check(name: str, value, f: dataclasses.Field):
     if value is None and nullable:
         return value
     if typing.get_origin(base) is list:
+        least = f.metadata.get("item_min", 0)
         if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            raise DgmError(f"option {name} must be a list of epochs (integers >= 0), "
-                           f"got {value!r}")
+                isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value):
+            what = f.metadata.get("items", f"epochs (integers >= {least})")
+            raise DgmError(f"option {name} must be a list of {what}, got {value!r}")
         return value
     if base is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # 1e1 in a YAML file is the float 10.0; as a count it is whole

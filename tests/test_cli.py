@@ -88,8 +88,8 @@ def test_yaml_config_and_flags_win(fake_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["train", "vae"], ["train", "gan"],
-                                  ["train", "flow"], ["evaluate"], ["sample"], ["manifold"],
-                                  ["interpolate"], ["report"], ["data"]])
+                                  ["train", "flow"], ["train", "diffusion"], ["evaluate"],
+                                  ["sample"], ["manifold"], ["interpolate"], ["report"], ["data"]])
 def test_help_of_every_command(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])

@@ -39,7 +39,7 @@ def options(fake_data_dir, **extra):
             "batch_size": 32, "sample_epochs": [], **extra}
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow", "diffusion"])
 def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model):
     """Ranks end identical with no parameter copied after the start. Planted bug it
     catches: the gradient average removed. (Context.broadcast_buffers doing nothing is not
@@ -50,7 +50,8 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
              # Double backward (the penalties), spectral norm's power iteration, the average.
              "gan-conv": {"arch": "conv", "hidden_dim": 8, "loss": "wgan-gp",
                           "spectral_norm": True, "r1_weight": 1.0, "d_steps": 2, "ema": 0.9},
-             "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1}}[model]
+             "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1},
+             "diffusion": {"channels": 8, "channel_mults": [1, 2], "sample_steps": 2}}[model]
     model = model.removesuffix("-conv")
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
     for k in states[0]:

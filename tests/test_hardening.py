@@ -30,7 +30,7 @@ def usage_error(capsys, argv, match):
 
 # Numbers that pass a range check but not the optimiser or the maths.
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "flow", "diffusion"])
 def test_non_finite_floats_are_refused(model, fake_data_dir, tmp_path, capsys):
     floats = [f.name for f in dataclasses.fields(CONFIGS[model]) if field_type(f)[0] is float]
     for name in floats:

@@ -20,6 +20,7 @@ TINY = {
     "vae": ["--hidden-dim", "16", "--latent-dim", "2"],
     "gan": ["--latent-dim", "8"],
     "flow": ["--hidden-dim", "8", "--num-couplings", "1", "--num-scales", "1"],
+    "diffusion": ["--channels", "4", "--channel-mults", "1,2,2", "--sample-steps", "1"],
 }
 # Values that need what this machine may lack: the one-line error that names the fix.
 NEEDS = {
@@ -114,7 +115,7 @@ def test_every_offered_value_is_covered():
     assert found == COMMAND_CHOICES
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "flow", "diffusion"])
 def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     defaults = CONFIGS[model]()
     for name, value in offered_values(model):
@@ -144,6 +145,9 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
              "--ema", "0.9"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
              "--r1-weight", "1", "--d-steps", "2"]),
+    ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddim
+    ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
+                   "--sampler", "ddpm", "--ema", "0", "--num-res-blocks", "2"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
@@ -157,13 +161,17 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
                                "--steps", "3", "--out", str(pictures[-1]), *common])
         pictures.append(tmp_path / f"s-{checkpoint}.png")
         assert_ok(capsys, ["sample", str(run), "-n", "4", "--out", str(pictures[-1]), *common])
+        if model == "diffusion":
+            pictures.append(tmp_path / f"s3-{checkpoint}.png")
+            assert_ok(capsys, ["sample", str(run), "-n", "4", "--sample-steps", "3", "--out",
+                               str(pictures[-1]), *common])
         if model == "vae":
             pictures.append(tmp_path / f"m-{checkpoint}.png")
             assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
                                str(pictures[-1]), *common])
         assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json", *common])
         assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--no-naive",
-                           "--dequant-samples", "2", *common])
+                           "--dequant-samples", "2", "--time-samples", "2", *common])
     assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--sample-quality",
                        "--device", "auto"])
     for command in ("sample", "interpolate", "manifold", "evaluate"):

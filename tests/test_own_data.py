@@ -18,7 +18,8 @@ from dgm.data import load_split
 from dgm.errors import DgmError
 
 TINY = {"vae": ["--hidden-dim", "16", "--latent-dim", "2"], "gan": ["--latent-dim", "8"],
-        "flow": ["--num-couplings", "1", "--hidden-dim", "8"]}
+        "flow": ["--num-couplings", "1", "--hidden-dim", "8"],
+        "diffusion": ["--channels", "4", "--channel-mults", "1,2,2", "--sample-steps", "1"]}
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +121,7 @@ def test_what_each_source_gives(tmp_path):
     assert (load_split(str(data), "test")[1] == -1).all()
 
 
-@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow"])
+@pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow", "diffusion"])
 def test_builtin_models_on_32x32_rgb(model, tmp_path, capsys):
     x, _ = blobs(80, 32, 32, 3)
     data = tmp_path / "rgb.npz"
@@ -136,8 +137,12 @@ def test_builtin_models_on_32x32_rgb(model, tmp_path, capsys):
     if model == "gan":  # no labels: the Frechet score is skipped with a note, not a crash
         assert res["sample_quality"].startswith("skipped")
     else:  # bits/dim count all 3 * 32 * 32 dimensions
-        ll = res["elbo"] if model == "vae" else res["log_px"]
-        assert ll["bits_per_dim"] == pytest.approx(-ll["log_px_nats"] / (3072 * math.log(2)))
+        if model == "diffusion":
+            b = res["nll_bound"]
+            assert b["bits_per_dim"] == pytest.approx(b["nll_bound_nats"] / (3072 * math.log(2)))
+        else:
+            ll = res["elbo"] if model == "vae" else res["log_px"]
+            assert ll["bits_per_dim"] == pytest.approx(-ll["log_px_nats"] / (3072 * math.log(2)))
     assert main(["report", str(run)]) == 0
     # The model is rebuilt from the checkpoint's image shape: no data needed to draw.
     data.rename(tmp_path / "moved.npz")

@@ -14,7 +14,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 def test_there_are_recipes():
     assert {p.stem for p in RECIPES} >= {"vae-fashion-mnist", "vae-mnist", "flow-fashion-mnist",
-                                       "flow-mnist", "gan-fashion-mnist", "gan-mnist"}
+                                       "flow-mnist", "gan-fashion-mnist", "gan-mnist",
+                                       "diffusion-fashion-mnist"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -31,6 +32,6 @@ def test_recipe_short_version(recipe, fake_data_dir, tmp_path, capsys):
         if key not in ("model", "dataset", "epochs", "train_split", "val_split", "test_split",
                        "offline"):
             assert saved[key] == value, key
-    assert main(["evaluate", str(run), "--iw-samples", "5", "--json"]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "5", "--time-samples", "2", "--json"]) == 0
     assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
     assert "Traceback" not in capsys.readouterr().err

@@ -13,19 +13,22 @@ import sys
 from torch import nn
 
 from dgm.errors import DgmError
+from dgm.models.diffusion import Diffusion
 from dgm.models.flow import RealNVP
 from dgm.models.gan import GAN
 from dgm.models.protocol import REQUIRED, GenerativeModel
 from dgm.models.vae import VAE
 
-__all__ = ["GAN", "MODELS", "VAE", "GenerativeModel", "RealNVP", "build_model", "model_class"]
+__all__ = ["GAN", "MODELS", "VAE", "Diffusion", "GenerativeModel", "RealNVP", "build_model",
+           "model_class"]
 
-MODELS: dict[str, type[nn.Module]] = {"vae": VAE, "gan": GAN, "flow": RealNVP}
+MODELS: dict[str, type[nn.Module]] = {"vae": VAE, "gan": GAN, "flow": RealNVP,
+                                      "diffusion": Diffusion}
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The class that ``name`` stands for: a built-in ("vae", "gan", "flow") or your own,
-    named by import path "package.module:ClassName" (imported from PYTHONPATH or the
+    """The class that ``name`` stands for: a built-in ("vae", "gan", "flow", "diffusion") or your
+    own, named by import path "package.module:ClassName" (imported from PYTHONPATH or the
     current folder)."""
     if name in MODELS:
         return MODELS[name]

@@ -1,0 +1,270 @@
+"""Diffusion: the bound against an exact density, its discrete-time version, the decoder,
+the prior term, the samplers, the U-Net, learning, resume and the command line."""
+
+import math
+
+import pytest
+import torch
+
+from dgm.cli import main
+from dgm.config import DiffusionConfig
+from dgm.models.diffusion import (
+    Diffusion,
+    NoiseSchedule,
+    alpha_sigma,
+    decoder_log_prob,
+    decoder_logits,
+    prior_kl,
+    to_unit_range,
+    to_values,
+)
+from dgm.models.unet import UNet
+
+# 2-D Gaussian data N(M, S), as a (2, 1, 1) "image" so the model's own code path is used.
+M = torch.tensor([0.4, -0.3], dtype=torch.float64)
+S = torch.tensor([[0.20, 0.08], [0.08, 0.10]], dtype=torch.float64)
+
+
+def gaussian_model(schedule: str = "linear", perturb: float = 0.0) -> Diffusion:
+    """A Diffusion whose denoiser is the exact E[x | z_t] of N(M, S) (plus ``perturb``) and
+    whose decoder at t = 0 is the Gaussian N(z_0 / alpha_0, sigma_0^2 / alpha_0^2), with
+    ends where they cost nothing: gamma_max 12 (alpha_1^2 = 6e-6), gamma_min -13.3."""
+    model = Diffusion((2, 1, 1), channels=4, channel_mults=(1,), schedule=schedule,
+                      gamma_min=-13.3, gamma_max=12.0).double()
+
+    def exact_eps(z, t):
+        alpha, sigma = alpha_sigma(model.schedule.gamma(t))
+        a, s2 = alpha[:, None, None], sigma[:, None, None] ** 2
+        cov_z = a ** 2 * S + s2 * torch.eye(2, dtype=S.dtype)  # (B, 2, 2)
+        zf = z.flatten(1)
+        gain = a * S @ torch.linalg.inv(cov_z)  # Cov(x, z) Cov(z)^-1
+        x_hat = M + (gain @ (zf - alpha[:, None] * M)[..., None])[..., 0] + perturb
+        return ((zf - alpha[:, None] * x_hat) / sigma[:, None]).view_as(z)
+
+    def gaussian_nll(x, z_0):
+        alpha_0, sigma_0 = alpha_sigma(torch.tensor(model.schedule.gamma_min,
+                                                    dtype=x.dtype))
+        var = (sigma_0 / alpha_0) ** 2
+        d = (x - z_0 / alpha_0).flatten(1)
+        return 0.5 * (d.square() / var + torch.log(2 * math.pi * var)).sum(1)
+
+    model.predict_eps = exact_eps
+    model.reconstruction_nll = gaussian_nll
+    return model
+
+
+def exact_nll(x: torch.Tensor) -> torch.Tensor:
+    dist = torch.distributions.MultivariateNormal(M, S)
+    return -dist.log_prob(x.flatten(1))
+
+
+def gaussian_data(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(S)
+    return (M + torch.randn(n, 2, generator=gen, dtype=torch.float64) @ chol.T).view(n, 2, 1, 1)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_continuous_bound_equals_exact_nll_with_the_exact_denoiser(schedule):
+    x = gaussian_data(20000)
+    nll = exact_nll(x)
+    model = gaussian_model(schedule)
+    draws = torch.stack([model.bound_terms(x)["total"] for _ in range(8)], 1)  # (N, 8)
+    gap = draws.mean(1) - nll
+    se = gap.std() / math.sqrt(len(gap))  # the Monte-Carlo error (the x's cancel)
+    assert 0.01 < se < 0.3, se  # the test has power: the error is small but honest
+    assert abs(gap.mean()) < 3 * se + 0.01, (gap.mean(), se)  # equal within its error
+    # A slightly wrong denoiser pays, far beyond that error: strictly above.
+    wrong = gaussian_model(schedule, perturb=5e-3)
+    gap_wrong = torch.stack([wrong.bound_terms(x)["total"] for _ in range(8)], 1).mean(1) - nll
+    assert gap_wrong.mean() > gap.mean() + 10 * se, (gap_wrong.mean(), gap.mean(), se)
+
+
+def test_discrete_bound_falls_towards_the_continuous_one():
+    x = gaussian_data(4000, seed=1)
+    model = gaussian_model()
+    gen = torch.Generator().manual_seed(2)
+    eps = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    eps_0 = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    ones = torch.ones(len(x), dtype=x.dtype)
+
+    def expected(steps: int | None, points: int) -> torch.Tensor:
+        # Per image, the exact mean over the T steps (or a fine midpoint rule in continuous
+        # time), with common noise so that differences between T are not Monte-Carlo noise.
+        ts = [(i + 1) / points for i in range(points)] if steps else \
+            [(i + 0.5) / points for i in range(points)]
+        return sum(model.bound_terms(x, t * ones, eps, eps_0, steps)["total"]
+                   for t in ts) / points
+
+    bounds = [expected(T, T).mean().item() for T in (1, 2, 4, 8, 16, 32)]
+    per_image = expected(None, 512)
+    continuous = per_image.mean().item()
+    assert all(a > b for a, b in zip(bounds, bounds[1:], strict=False)), bounds
+    assert bounds[-1] > continuous, (bounds[-1], continuous)
+    # and closes most of the gap to it (VDM: the excess shrinks roughly like 1 / T)
+    assert bounds[-1] - continuous < 0.1 * (bounds[0] - continuous), (bounds, continuous)
+    gap = per_image - exact_nll(x)  # one draw of eps per image: equal within its error
+    assert abs(gap.mean()) < 3 * gap.std() / math.sqrt(len(gap)), gap.mean()
+
+
+def test_decoder_probabilities_sum_to_one_and_peak_at_the_pixel():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 256, (3, 1, 4, 4), generator=gen)
+    x = to_unit_range(values)
+    assert torch.equal(to_values(x), values)
+    for gamma_0 in (-13.3, -5.0, 0.0):
+        alpha_0, sigma_0 = alpha_sigma(torch.tensor(gamma_0))
+        z_0 = alpha_0 * x + sigma_0 * torch.randn(x.shape, generator=gen)
+        logits = decoder_logits(z_0.double(), gamma_0)
+        assert logits.shape == (3, 1, 4, 4, 256)
+        p = torch.softmax(logits, -1)
+        torch.testing.assert_close(p.sum(-1), torch.ones(3, 1, 4, 4, dtype=torch.float64))
+        manual = torch.log(p.gather(-1, values[..., None])).flatten(1).sum(1)
+        torch.testing.assert_close(decoder_log_prob(z_0.double(), values, gamma_0), manual)
+    # At gamma_min -13.3 the decoder's width is 1/3 of a bin: the noiseless z_0 gets ~99.7%.
+    alpha_0, _ = alpha_sigma(torch.tensor(-13.3))
+    p = torch.softmax(decoder_logits(alpha_0 * x, -13.3), -1).gather(-1, values[..., None])
+    assert (p > 0.99).all()
+
+
+def test_prior_term_matches_torch_distributions():
+    x = to_unit_range(torch.randint(0, 256, (5, 1, 3, 3))).double()
+    for gamma_1 in (5.0, 0.0, -2.0):
+        alpha, sigma = alpha_sigma(torch.tensor(gamma_1, dtype=torch.float64))
+        q = torch.distributions.Normal(alpha * x, sigma)
+        p = torch.distributions.Normal(torch.zeros_like(x), torch.ones_like(x))
+        ref = torch.distributions.kl_divergence(q, p).flatten(1).sum(1)
+        torch.testing.assert_close(prior_kl(x, torch.tensor(gamma_1, dtype=torch.float64)), ref)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_ends_and_derivative(kind):
+    sched = NoiseSchedule(kind, -13.3, 5.0)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sched.gamma(t), torch.tensor([-13.3, 5.0], dtype=torch.float64))
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sched.gamma(t).sum(), t)
+    torch.testing.assert_close(sched.gamma_prime(t.detach()), grad)
+    assert (grad > 0).all()  # monotone: the noise rises with t
+    with pytest.raises(ValueError):
+        NoiseSchedule(kind, 5.0, 5.0)
+
+
+def test_v_parameterization_recovers_eps():
+    model = Diffusion((1, 4, 4), channels=4, channel_mults=(1,), parameterization="v").double()
+    x, eps = torch.rand(3, 1, 4, 4).double() * 2 - 1, torch.randn(3, 1, 4, 4).double()
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(model.schedule.gamma(t)))
+    z = alpha * x + sigma * eps
+    model.net.forward = lambda z_, t_: alpha * eps - sigma * x  # it predicts v exactly
+    torch.testing.assert_close(model.predict_eps(z, t), eps)
+
+
+def tiny_model(**kw) -> Diffusion:
+    torch.manual_seed(0)
+    model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), num_res_blocks=1, **kw)
+    with torch.no_grad():  # away from the zero output that the U-Net starts with
+        for p in model.net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_ddim_with_eta_one_draws_what_ancestral_draws_and_eta_zero_is_deterministic():
+    model = tiny_model()
+    n, steps = 2000, 6
+    z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ddpm = model.reverse(z, steps, "ddpm", generator=torch.Generator().manual_seed(2))
+    ddim1 = model.reverse(z, steps, "ddim", eta=1.0, generator=torch.Generator().manual_seed(3))
+    ddim0 = model.reverse(z, steps, "ddim", eta=0.0)
+    for power in (1, 2):  # first and second moments of every pixel
+        a, b = ddpm.pow(power), ddim1.pow(power)
+        se = ((a.var(0) + b.var(0)) / n).sqrt()  # of the difference of the two means
+        z_scores = (a.mean(0) - b.mean(0)) / se.clamp_min(1e-6)
+        assert z_scores.abs().max() < 4.5, z_scores.abs().max()
+    # The same moments differ from the deterministic sampler's, so the test can fail.
+    assert (ddpm.std(0) - ddim0.std(0)).abs().mean() > 10 * (ddpm.std(0) / math.sqrt(n)).mean()
+    again = model.reverse(z[:8], steps, "ddim")
+    torch.testing.assert_close(model.reverse(z[:8], steps, "ddim"), again, rtol=0, atol=0)
+    torch.testing.assert_close(again, ddim0[:8], rtol=0, atol=1e-5)  # batch size aside
+    assert not torch.equal(model.reverse(z[:8], steps, "ddpm"), ddpm[:8])
+
+
+def test_sample_and_generate_shapes_and_range():
+    model = tiny_model(sample_steps=3)
+    x = model.sample(5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
+    torch.testing.assert_close(model.sample(5, generator=torch.Generator().manual_seed(0)), x)
+    z = torch.randn(2, *model.latent_shape)
+    torch.testing.assert_close(model.generate(z), model.generate(z))
+
+
+def test_unet_shapes_and_divisibility(tmp_path):
+    for shape, mults in (((3, 32, 32), (1, 2, 2)), ((1, 28, 28), (1, 2, 2)), ((2, 6, 10), (1, 2))):
+        net = UNet(shape[0], 8, mults, 2)
+        assert net(torch.randn(2, *shape), torch.rand(2)).shape == (2, *shape)
+    cfg = DiffusionConfig(channel_mults=[1, 2, 2, 2])  # 28 / 8 is not whole
+    from dgm.errors import DgmError
+
+    with pytest.raises(DgmError, match="divisible by 8"):
+        Diffusion.from_config(cfg, (1, 28, 28))
+
+
+def test_every_parameter_gets_a_gradient_and_a_tiny_model_learns(real_data_dir):
+    from dgm.data import load_split
+
+    x = Diffusion.prepare(load_split("mnist", "test[:256]", real_data_dir)[0])
+    torch.manual_seed(0)
+    model = Diffusion((1, 28, 28), channels=8, channel_mults=(1, 2), num_res_blocks=1)
+    opts = model.configure_optimizers(DiffusionConfig(lr=2e-3, grad_clip=1.0))
+    gen = torch.Generator().manual_seed(5)
+    probe = x[:128]
+    t = torch.rand(len(probe), generator=gen)
+    eps, eps_0 = torch.randn(probe.shape, generator=gen), torch.randn(probe.shape, generator=gen)
+
+    def bound() -> float:
+        with torch.no_grad():
+            return model.bound_terms(probe, t, eps, eps_0)["total"].mean().item()
+
+    before = bound()
+    model.train()
+    # The U-Net's last convs start at zero, which blocks every gradient behind them for one
+    # step (and the residual branches' for two); then every parameter must get one.
+    model.training_step(x[:32], opts)
+    model.training_step(x[32:64], opts)
+    opts["adam"].zero_grad()
+    model.bound_terms(x[:32])["total"].mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing, missing
+    for _ in range(4):
+        for idx in torch.randperm(len(x)).split(32):
+            model.training_step(x[idx], opts)
+    after = bound()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_resumed_run_equals_uninterrupted_run(fake_data_dir, tmp_path):
+    common = ["--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+              "--train-split", "train[:64]", "--val-split", "test[:32]", "--batch-size", "32",
+              "--channels", "8", "--channel-mults", "1,2", "--sample-steps", "2",
+              "--sample-epochs", "0", "--quiet"]
+    for run, epochs in (("a", "2"), ("b", "1")):
+        assert main(["train", "diffusion", *common, "--epochs", epochs, "--out",
+                     str(tmp_path / run)]) == 0
+    assert main(["train", "diffusion", *common, "--epochs", "2", "--resume",
+                 str(tmp_path / "b")]) == 0
+    rows = [(tmp_path / r / "metrics.csv").read_text().splitlines()[2].split(",")[:-1]
+            for r in ("a", "b")]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--channel-mults", "1,2,2,2"], "divisible by 8"),
+    (["--channel-mults", "1,0"], "positive integers"),
+    (["--gamma-min", "6"], "must be below --gamma-max"),
+])
+def test_bad_options_are_one_line_errors(flags, match, fake_data_dir, tmp_path, capsys):
+    code = main(["train", "diffusion", "--dataset", "mnist", "--data-dir", str(fake_data_dir),
+                 "--offline", "--quiet", "--out", str(tmp_path / "r"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and match in err, err
