@@ -142,6 +142,7 @@ def test_sample_refuses_without_a_destination_or_over_a_file(run, tmp_path, caps
 
 
 def test_zoo_lists_what_ships(capsys):
+    assert ZOO, "the zoo ships at least the report's VAE"
     listed = json_out(capsys, ["zoo", "--json"])
     assert [m["name"] for m in listed] == list(ZOO)
     assert main(["zoo"]) == 0
@@ -161,7 +162,7 @@ def test_zoo_models_reproduce_their_recorded_numbers(name, real_data_dir, capsys
         value = res
         for key in path.split("."):
             value = value[key]
-        assert round(value, 2) == expected, path
+        assert abs(value - expected) < 0.01, path  # the printed digits, on any CPU
 
 
 @pytest.mark.parametrize("name", list(ZOO)[:1])
