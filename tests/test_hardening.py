@@ -30,7 +30,7 @@ def usage_error(capsys, argv, match):
 
 # Numbers that pass a range check but not the optimiser or the maths.
 
-@pytest.mark.parametrize("model", ["vae", "gan", "flow", "diffusion"])
+@pytest.mark.parametrize("model", list(CONFIGS))
 def test_non_finite_floats_are_refused(model, fake_data_dir, tmp_path, capsys):
     floats = [f.name for f in dataclasses.fields(CONFIGS[model]) if field_type(f)[0] is float]
     for name in floats:
@@ -45,8 +45,7 @@ def test_readme_counts_the_non_finite_floats_tested():
     """The README's hardening table gives the count that the test above enumerates."""
     from pathlib import Path
 
-    n = sum(field_type(f)[0] is float for m in ("vae", "gan", "flow")
-            for f in dataclasses.fields(CONFIGS[m]))
+    n = sum(field_type(f)[0] is float for m in CONFIGS for f in dataclasses.fields(CONFIGS[m]))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| {3 * n} non-finite floats (`nan`, `inf`, `-inf` in each of the {n} float" in readme
 

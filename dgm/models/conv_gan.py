@@ -61,7 +61,7 @@ class ConvDiscriminator(nn.Module):
             nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(1).float()  # fp32 logits for the losses, also under bf16
+        return self.net(x).squeeze(1).to(x.dtype)  # fp32 logits for the losses under bf16
 
 
 def apply_spectral_norm(module: nn.Module) -> nn.Module:

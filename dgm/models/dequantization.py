@@ -52,7 +52,7 @@ class VariationalDequantizer(nn.Module):
                            context_channels=hidden_dim) for i in range(num_couplings))
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(2 * x - 1).float()  # images in [0, 1) -> about [-1, 1)
+        return self.features(2 * x - 1).to(x.dtype)  # images in [0, 1) -> about [-1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A draw u ~ q(u|x) and log q(u|x): x (B, C, H, W) on the 8-bit grid / 256 ->

@@ -124,7 +124,7 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(1).float()  # fp32 logits for the losses
+        return self.net(x.flatten(1)).squeeze(1).to(x.dtype)  # fp32 logits under bf16
 
 
 class GAN(nn.Module):

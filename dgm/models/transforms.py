@@ -212,7 +212,7 @@ class AffineCoupling(Transform):
             x_kept = torch.cat([x_kept, context], 1)
         # In fp32 from here on, also under bf16 autocast: the affine map and its log-det are
         # then exact for the conditioner's output, so forward and inverse are one bijection.
-        s, t = self.net(x_kept).float().chunk(2, dim=1)
+        s, t = self.net(x_kept).to(x_kept.dtype).chunk(2, dim=1)
         return self.scale_clamp * torch.tanh(s / self.scale_clamp), t
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

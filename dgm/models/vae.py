@@ -104,12 +104,13 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parameters of q(z|x): (B, C, H, W) -> mu (B, D), logvar (B, D)."""
         # fp32 also under bf16 autocast: the ELBO and IWAE sums are what is cited.
-        mu, logvar = self.encoder(x.flatten(1)).float().chunk(2, dim=-1)
+        mu, logvar = self.encoder(x.flatten(1)).to(x.dtype).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits of p(x|z): (B, D) -> (B, C*H*W), in fp32."""
-        return self.decoder(z).float()
+        """Bernoulli logits of p(x|z): (B, D) -> (B, C*H*W), in z's precision (fp32 under
+        bf16 autocast)."""
+        return self.decoder(z).to(z.dtype)
 
     def prior_params(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The VampPrior's components, (mu, logvar) each (K, D); None for N(0, I)."""
