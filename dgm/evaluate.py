@@ -327,7 +327,10 @@ def evaluate_diffusion(model, x_uint8: torch.Tensor, time_samples: int = 8,
              "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
              "mc_stderr_nats": mc.mean().item(),
              "mc_stderr_mean_nats": (mc.square().mean() / n).sqrt().item(),
-             "time_draws_per_image": k, "time_draws": "stratified per image, (u + k/K) mod 1"}
+             "time_draws_per_image": k, "time_draws": "stratified per image, (u + k/K) mod 1",
+             "note": "mc_stderr treats the K stratified draws as independent, so it is an "
+                     "upper estimate (often far above the truth); sem_nats includes the "
+                     "Monte-Carlo noise, so the mean's Monte-Carlo error is at most sem_nats"}
     terms = {f"{name}_nats": v[name].mean().item() for name in ("prior", "diffusion",
                                                                "reconstruction")}
     terms |= {f"{name}_bits_per_dim": bits_per_dim(v[name].mean().item(), dims)

@@ -164,7 +164,7 @@ class Diffusion(nn.Module):
         >>> model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), sample_steps=3)
         >>> x = model.prepare(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8))
         >>> sorted(model.bound_terms(x))
-        ['diffusion', 'prior', 'reconstruction', 'total']
+        ['diffusion', 'mse', 'prior', 'reconstruction', 'total']
         >>> model.sample(2).shape
         torch.Size([2, 1, 8, 8])
     """
@@ -234,7 +234,8 @@ class Diffusion(nn.Module):
     def bound_terms(self, x: torch.Tensor, t: torch.Tensor | None = None,
                     eps: torch.Tensor | None = None, eps_0: torch.Tensor | None = None,
                     steps: int | None = None) -> dict[str, torch.Tensor]:
-        """The upper bound on -log p(x) and its three terms, one draw each, nats: (B,) each.
+        """The upper bound on -log p(x) (``total``) and its three terms, one draw each, in
+        nats, and ``mse``, the mean squared error of eps_hat: (B,) each.
 
         x: (B, C, H, W) prepared images in [-1, 1]. t: (B,) times (default: stratified over
         the batch); with ``steps`` T the T-step bound, t then on the grid i / T, i >= 1.
