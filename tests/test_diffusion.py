@@ -182,8 +182,9 @@ def test_ddim_with_eta_one_draws_what_ancestral_draws_and_eta_zero_is_determinis
         se = ((a.var(0) + b.var(0)) / n).sqrt()  # of the difference of the two means
         z_scores = (a.mean(0) - b.mean(0)) / se.clamp_min(1e-6)
         assert z_scores.abs().max() < 4.5, z_scores.abs().max()
-    # The same moments differ from the deterministic sampler's, so the test can fail.
-    assert (ddpm.std(0) - ddim0.std(0)).abs().mean() > 10 * (ddpm.std(0) / math.sqrt(n)).mean()
+    # The same moments differ from the deterministic sampler's, so the test can fail (by
+    # about 10 standard errors of a pixel's std here; 5 leaves room for other CPUs' rounding).
+    assert (ddpm.std(0) - ddim0.std(0)).abs().mean() > 5 * (ddpm.std(0) / math.sqrt(n)).mean()
     again = model.reverse(z[:8], steps, "ddim")
     torch.testing.assert_close(model.reverse(z[:8], steps, "ddim"), again, rtol=0, atol=0)
     torch.testing.assert_close(again, ddim0[:8], rtol=0, atol=1e-5)  # batch size aside
