@@ -183,6 +183,17 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.set_defaults(func=cmd_zoo)
 
+    p = sub.add_parser("bench", help="measure this machine and predict each recipe's wall time "
+                                     "(about a minute)")
+    p.add_argument("recipes", metavar="RECIPE.yaml", nargs="*",
+                   help="recipes to predict (default: every recipes/*.yaml)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="seconds of training steps timed per recipe (default 2)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads to measure with (default 0: torch's default, one per core)")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("interpolate", help="rows of latent interpolations (report Figure 6)")
     p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--rows", type=int, default=8, help="number of paths (default 8)")
@@ -239,6 +250,21 @@ def cmd_train(args) -> int:
     train(args.model, cfg, run, resume=args.resume is not None, quiet=args.quiet)
     if not args.quiet:
         print(f"dgm: done; run folder {run}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if not (0 < args.seconds <= 600 and 0 <= args.threads <= 1024):
+        raise DgmError("--seconds must lie in (0, 600] and --threads in 0..1024")
+    import torch
+
+    from dgm.bench import bench, format_bench, recipe_files
+
+    files = recipe_files(args.recipes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench(files, args.seconds)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
 

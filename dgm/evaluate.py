@@ -74,16 +74,15 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best") -> No
 
 
 def draw_pictures(run: Path) -> None:
-    """The curves and the sample grid that the run's last epoch drew (its seed, its size),
-    into ``run``: for a packed run, which holds none."""
-    from dgm.plots import plot_curves, save_grid
+    """The curves and the pictures that the run's last epoch drew (the same noise), into
+    ``run``: for a packed run, which holds none."""
+    from dgm.plots import plot_curves
+    from dgm.train import epoch_pictures
 
     name, cfg, model, ckpt = load_model(run)
     plot_curves(read_metrics(run), model.curves, run / "curves.png",
                 title=f"{name} on {cfg.dataset}")
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-    save_grid(model.sample(cfg.num_samples, generator=gen),
-              run / "samples" / f"epoch_{ckpt['epoch']:03d}.png")
+    epoch_pictures(model, cfg, run, ckpt["epoch"], final=True)
 
 
 def score_samples(path: str | Path, dataset: str, split: str = "test",

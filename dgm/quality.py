@@ -192,31 +192,28 @@ def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
     n_test, k = len(test_x), 3
     few = _too_few(n_test, n_samples, {"frechet": 2, "kid": 2, "precision_recall": k + 1})
     scores = {"features": {**info, "test_accuracy": accuracy(net, test_x, test_y)}}
-    frechet = {"n_generated": n_samples, "n_test": n_test, "features": cite}
-    if "frechet" in few:
-        scores["frechet"] = {"distance": None, "real_reference": None, **frechet,
-                             "note": few["frechet"]}
-    else:
-        scores["frechet"] = {"distance": frechet_distance(f_test, f_fake),
-                             "real_reference": frechet_distance(f_test, f_ref), **frechet}
-    kid = {"subsets": 100, "subset_size": min(1000, n_test, n_samples), "features": cite}
-    if "kid" in few:
-        scores["kid"] = {"mean": None, "std": None, "real_reference": None,
-                         "real_reference_std": None, **kid, "note": few["kid"]}
-    else:
-        mean, std = kernel_distance(f_test, f_fake, seed=seed)
-        ref, ref_std = kernel_distance(f_test, f_ref, seed=seed)
-        scores["kid"] = {"mean": mean, "std": std, "real_reference": ref,
-                         "real_reference_std": ref_std, **kid}
-    if "precision_recall" in few:
-        scores["precision_recall"] = {"precision": None, "recall": None, "real_precision": None,
-                                      "real_recall": None, "k": k, "features": cite,
-                                      "note": few["precision_recall"]}
-    else:
-        pr, ref = precision_recall(f_test, f_fake, k), precision_recall(f_test, f_ref, k)
-        scores["precision_recall"] = {"precision": pr["precision"], "recall": pr["recall"],
-                                      "real_precision": ref["precision"],
-                                      "real_recall": ref["recall"], "k": k, "features": cite}
+
+    def score(name: str, keys: tuple[str, ...], compute: Callable[[], tuple], **about) -> dict:
+        if name in few:  # the same keys, null, with the reason
+            return dict.fromkeys(keys) | about | {"note": few[name]}
+        return dict(zip(keys, compute(), strict=True)) | about
+
+    def pr() -> tuple[float, ...]:
+        fake, ref = precision_recall(f_test, f_fake, k), precision_recall(f_test, f_ref, k)
+        return fake["precision"], fake["recall"], ref["precision"], ref["recall"]
+
+    scores["frechet"] = score(
+        "frechet", ("distance", "real_reference"),
+        lambda: (frechet_distance(f_test, f_fake), frechet_distance(f_test, f_ref)),
+        n_generated=n_samples, n_test=n_test, features=cite)
+    scores["kid"] = score(
+        "kid", ("mean", "std", "real_reference", "real_reference_std"),
+        lambda: (*kernel_distance(f_test, f_fake, seed=seed),
+                 *kernel_distance(f_test, f_ref, seed=seed)),
+        subsets=100, subset_size=min(1000, n_test, n_samples), features=cite)
+    scores["precision_recall"] = score(
+        "precision_recall", ("precision", "recall", "real_precision", "real_recall"), pr,
+        k=k, features=cite)
     scores["parzen"] = parzen_log_likelihood(fakes, val[:n_parzen_val].double() / 255,
                                              test_x.double() / 255)
     return scores

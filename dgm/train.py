@@ -39,7 +39,7 @@ from dgm.runs import (
 )
 from dgm.threads import ThreadPolicy
 
-__all__ = ["MODELS", "build_model", "resolve_device", "train"]
+__all__ = ["MODELS", "build_model", "epoch_pictures", "resolve_device", "train"]
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``--precision bf16``: the networks' matrix products and convolutions
@@ -235,7 +235,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
             for child in model.children():
                 child.compile()
         if epoch == 0 and ctx.is_main:
-            _pictures(shown, cfg, run, 0)
+            epoch_pictures(shown, cfg, run, 0)
         stop = _patience_spent(history, model.best_metric, cfg.patience)
         while epoch < cfg.epochs and not stop:
             t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
                     write_metrics(run, history)
                     plot_curves(history, model.curves, run / "curves.png",
                                 title=f"{model_name} on {cfg.dataset}")
-                    samples = _pictures(shown, cfg, run, epoch, final=stop)
+                    samples = epoch_pictures(shown, cfg, run, epoch, final=stop)
             if board:
                 for k, v in row.items():
                     board.add_scalar(k, v, epoch)
@@ -414,7 +414,7 @@ def _patience_spent(history: list[dict], best_metric: tuple[str, str], patience:
     return max(recent) <= max(before) if mode == "max" else min(recent) >= min(before)
 
 
-def _pictures(model, cfg, run: Path, epoch: int, final: bool = False) -> None:
+def epoch_pictures(model, cfg, run: Path, epoch: int, final: bool = False) -> torch.Tensor | None:
     """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold.
 
     Returns the samples drawn, or None.

@@ -162,7 +162,7 @@ def test_interrupt_at_start_up_leaves_nothing(fake_data_dir, tmp_path, capsys, m
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dgm.train._pictures", interrupt)
+    monkeypatch.setattr("dgm.train.epoch_pictures", interrupt)
     assert main(vae(fake_data_dir, tmp_path / "r", "--epochs", "1")) == 130
     assert "interrupted" in capsys.readouterr().err
     monkeypatch.setattr("dgm.train.build_model", interrupt)
