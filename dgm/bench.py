@@ -105,12 +105,13 @@ def bench(files: list[Path], seconds: float = 2.0) -> dict:
     """The machine's speed and each recipe's measured img/s and predicted wall time."""
     precisions = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
     result = {"threads": torch.get_num_threads(),
-              "matmul_gflops": {"fp32": matmul_rate() / 1e9},
+              "matmul_gflops": {"fp32": matmul_rate(seconds=min(1.0, seconds)) / 1e9},
               "bf16": "native" if "bf16" in precisions else
                       "not native on this CPU (no AVX512-BF16 or AMX): fp32 only",
               "recipes": []}
     if "bf16" in precisions:
-        result["matmul_gflops"]["bf16"] = matmul_rate(torch.bfloat16) / 1e9
+        result["matmul_gflops"]["bf16"] = matmul_rate(torch.bfloat16,
+                                                      seconds=min(1.0, seconds)) / 1e9
     measured = {}
     for path in files:
         values = read_yaml(path)

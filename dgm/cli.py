@@ -110,6 +110,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                    help="VAE: also the naive prior-sampling estimate of report 1.4, which "
                         "costs as much as the IWAE one (default: on)")
+    p.add_argument("--num-samples", type=int, default=10000, metavar="N",
+                   help="samples drawn for the sample-quality scores (default 10000, the "
+                        "usual count; fewer for a quick look, kept under its own key)")
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -273,15 +276,17 @@ def cmd_evaluate(args) -> int:
     from dgm.zoo import is_packed, open_run
 
     if not (1 <= args.iw_samples <= 10 ** 6 and 1 <= args.batch_size <= 10 ** 5
-            and 1 <= args.dequant_samples <= 10 ** 4 and 1 <= args.time_samples <= 10 ** 4):
+            and 1 <= args.dequant_samples <= 10 ** 4 and 1 <= args.time_samples <= 10 ** 4
+            and 4 <= args.num_samples <= 10 ** 6):
         raise DgmError("--iw-samples must lie in 1..1000000, --dequant-samples and "
-                       "--time-samples in 1..10000 and --batch-size in 1..100000")
+                       "--time-samples in 1..10000, --batch-size in 1..100000 and "
+                       "--num-samples in 4..1000000")
     with open_run(args.run) as run:
         results = evaluate_run(run, args.split, args.iw_samples, args.batch_size, args.device,
                                args.data_dir, args.offline, args.checkpoint,
                                quiet=args.quiet or args.json, sample_quality=args.sample_quality,
                                naive=args.naive, dequant_samples=args.dequant_samples,
-                               time_samples=args.time_samples)
+                               time_samples=args.time_samples, num_samples=args.num_samples)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:

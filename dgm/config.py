@@ -63,7 +63,6 @@ class TrainConfig:
     precision: str = opt("fp32", "bf16: autocast of the networks on a GPU with bf16 or a CPU "
                                  "with native bf16 (AVX512-BF16, AMX); what is cited stays fp32",
                          choices=("fp32", "bf16"))
-    compile: bool = opt(False, "torch.compile the model")
     threads: int = opt(0, "CPU threads (0 = as many cores as other processes leave idle, "
                           "checked every 2 s)", min=0, max=1024)
     tensorboard: bool = opt(False, "also log to RUN/tensorboard (needs: pip install tensorboard)")
@@ -141,6 +140,8 @@ class FlowConfig(TrainConfig):
     temperature: float = opt(1.0, "prior standard deviation when sampling", min=0.0)
     grad_clip: float = opt(100.0, "gradient norm clip (0 = off)", min=0.0)
     warmup_steps: int = opt(200, "linear learning-rate warm-up steps (0 = off)", min=0)
+    compile: bool = opt(False, "torch.compile the networks (a few minutes up front on a CPU, "
+                               "then about 1.15x faster; BENCHMARKS.md)")
     # ActNorm initialises from a batch's standard deviation, which needs two images.
     batch_size: int = opt(64, "images per optimisation step", min=2, max=1 << 16)
     sample_epochs: list[int] = opt([0, 1, 13, 26, 40],
@@ -170,6 +171,8 @@ class DiffusionConfig(TrainConfig):
                                "ancestral (ddpm) or deterministic DDIM (ddim)",
                        choices=("ddpm", "ddim"))
     sample_steps: int = opt(25, "denoising steps per sample", min=1, max=10000)
+    compile: bool = opt(False, "torch.compile the networks (a few minutes up front on a CPU, "
+                               "then about 1.2x faster; BENCHMARKS.md)")
     lr: float = opt(5e-4, "Adam learning rate", min=0.0)
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", min=0.0)
     # Diffusion samples from the raw weights are noisy; the average is what works.
@@ -237,6 +240,12 @@ def _check(name: str, value, f: dataclasses.Field):
     return value
 
 
+# Options that some models no longer offer, and why. A run that recorded one still loads:
+# it changed how fast that run trained, not what it learned.
+RETIRED = {"compile": "compile is offered where it pays, for flow and diffusion; the vae and "
+                      "the gan measured no faster compiled (BENCHMARKS.md)"}
+
+
 def config_class(model: str) -> type[TrainConfig]:
     """The config dataclass of a built-in model, or of your own model named by import path:
     its ``Config`` attribute (a dataclass subclassing TrainConfig), else TrainConfig."""
@@ -251,13 +260,20 @@ def config_class(model: str) -> type[TrainConfig]:
     return cls
 
 
-def from_dict(model: str, values: dict, source: str = "config") -> TrainConfig:
-    """Build and validate a model's config from plain values (YAML or flags)."""
+def from_dict(model: str, values: dict, source: str = "config",
+              recorded: bool = False) -> TrainConfig:
+    """Build and validate a model's config from plain values (YAML or flags).
+
+    ``recorded``: the values are a run's own record, which may hold a retired option."""
     cls = config_class(model)
     if not isinstance(values, dict):
         raise DgmError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if recorded:
+        values = {k: v for k, v in values.items() if k in fields or k not in RETIRED}
     unknown = [k for k in values if k not in fields]
+    if unknown and unknown[0] in RETIRED:
+        raise DgmError(f"option {unknown[0]!r} in {source}: {RETIRED[unknown[0]]}")
     if unknown:
         raise DgmError(f"unknown option {unknown[0]!r} in {source} for model {model}; "
                        f"known: {', '.join(fields)}")

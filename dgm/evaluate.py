@@ -76,8 +76,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str = "best") -> No
 def draw_pictures(run: Path) -> None:
     """The curves and the pictures that the run's last epoch drew (the same noise), into
     ``run``: for a packed run, which holds none."""
-    from dgm.plots import plot_curves
-    from dgm.train import epoch_pictures
+    from dgm.plots import epoch_pictures, plot_curves
 
     name, cfg, model, ckpt = load_model(run)
     plot_curves(read_metrics(run), model.curves, run / "curves.png",
@@ -122,7 +121,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  batch_size: int = 100, device: str = "auto", data_dir: str | None = None,
                  offline: bool = False, checkpoint: str = "best", quiet: bool = False,
                  sample_quality: bool = False, naive: bool = True,
-                 dequant_samples: int = 1, time_samples: int = 8) -> dict:
+                 dequant_samples: int = 1, time_samples: int = 8,
+                 num_samples: int = 10000) -> dict:
     """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
 
     Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
@@ -131,21 +131,21 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     Under ``torchrun`` the likelihoods are spread over the ranks; rank 0 alone scores
     sample quality, writes the file and returns the results (the others return None).
 
-    GAN runs get the sample-quality scores of :mod:`dgm.quality`; other models get them
-    too with ``sample_quality``.
+    GAN runs get the sample-quality scores of :mod:`dgm.quality`, from ``num_samples``
+    samples; other models get them too with ``sample_quality``.
     """
     run = Path(run)
     ctx, dev = setup(resolve_device(device))
     try:
         return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
                              checkpoint, quiet or not ctx.is_main, sample_quality, naive,
-                             dequant_samples, time_samples, ctx)
+                             dequant_samples, time_samples, num_samples, ctx)
     finally:
         ctx.close()
 
 
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
-                  quiet, sample_quality, naive, dequant_samples, time_samples, ctx):
+                  quiet, sample_quality, naive, dequant_samples, time_samples, num_samples, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
@@ -187,13 +187,15 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
                                     "classifier needs"
     elif name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet,
-                                    features)
+                                    features, num_samples)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else
                                       f", dequantisation draws={dequant_samples})"
                                       if name == "flow" and dequant_samples > 1 else
                                       f", time draws={time_samples})" if name == "diffusion"
                                       else ")")
+    if "frechet" in results and num_samples != 10000:  # a quick look keeps the 10000's
+        key = key[:-1] + f", samples={num_samples})"
     save_evaluation(run, key, results)
     return json_safe(results)
 

@@ -1,4 +1,4 @@
-"""Pictures from arrays and run-folder metrics; never imports a model."""
+"""Pictures from arrays, models' samples and run-folder metrics; never imports a model."""
 
 import io
 import math
@@ -9,7 +9,7 @@ import torch
 
 from dgm.runs import atomic_write
 
-__all__ = ["image_grid", "plot_compare", "plot_curves", "save_grid"]
+__all__ = ["epoch_pictures", "image_grid", "plot_compare", "plot_curves", "save_grid"]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -120,3 +120,22 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
+
+
+def epoch_pictures(model, cfg, run: Path, epoch: int, final: bool = False) -> torch.Tensor | None:
+    """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold.
+
+    Returns the samples drawn, or None.
+    """
+    model.eval()
+    samples = None
+    final = final or epoch == cfg.epochs
+    if epoch in cfg.sample_epochs or final:
+        gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
+        samples = model.sample(cfg.num_samples, generator=gen)
+        save_grid(samples, run / "samples" / f"epoch_{epoch:03d}.png")
+    if getattr(model, "latent_dim", None) == 2 and hasattr(model, "manifold") and (
+            epoch in getattr(cfg, "manifold_epochs", ()) or final):
+        n = cfg.manifold_size
+        save_grid(model.manifold(n), run / "manifold" / f"epoch_{epoch:03d}.png", nrow=n, scale=1)
+    return samples

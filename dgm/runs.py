@@ -183,7 +183,7 @@ def load_config(run: str | Path) -> tuple[str, TrainConfig]:
     values = read_yaml(path)
     model = values.pop("model", None)
     values.pop("format_version", None)
-    return model, from_dict(str(model), values, source=str(path))
+    return model, from_dict(str(model), values, source=str(path), recorded=True)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -358,7 +358,7 @@ def unpack_run(path: Path, folder: Path) -> None:
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
         raise DgmError(f"{path} is not a run that 'dgm export' packed ({e}); give a run "
                        "folder, a file that 'dgm export' wrote, or zoo:NAME") from None
-    save_config(folder, model, from_dict(model, config, source=str(path)))
+    save_config(folder, model, from_dict(model, config, source=str(path), recorded=True))
     write_metrics(folder, payload["history"])
     save_checkpoint(folder / "checkpoints" / "best.pt", payload)
     if evaluation:

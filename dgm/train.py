@@ -23,7 +23,7 @@ from dgm.data import load_split, split_overlap
 from dgm.distributed import Context, resolve_device, setup
 from dgm.errors import DgmError
 from dgm.models import MODELS, build_model
-from dgm.plots import plot_curves, save_grid
+from dgm.plots import epoch_pictures, plot_curves
 from dgm.report import write_report
 from dgm.runs import (
     DiskFull,
@@ -39,7 +39,7 @@ from dgm.runs import (
 )
 from dgm.threads import ThreadPolicy
 
-__all__ = ["MODELS", "build_model", "epoch_pictures", "resolve_device", "train"]
+__all__ = ["MODELS", "build_model", "resolve_device", "train"]
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``--precision bf16``: the networks' matrix products and convolutions
@@ -229,7 +229,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
         # Validation images are prepared (binarised, dequantised) once, with a fixed seed, so
         # that validation numbers are comparable across epochs and runs.
         val_in = model.prepare(val_x, torch.Generator(device).manual_seed(cfg.seed + 1))
-        if cfg.compile:
+        if getattr(cfg, "compile", False):  # offered for flow and diffusion
             # training_step calls submodules directly (the GAN's two networks, the flow's
             # transform), so compile those rather than the wrapper's forward.
             for child in model.children():
@@ -412,22 +412,3 @@ def _patience_spent(history: list[dict], best_metric: tuple[str, str], patience:
         return False
     before, recent = scores[:-patience], scores[-patience:]
     return max(recent) <= max(before) if mode == "max" else min(recent) >= min(before)
-
-
-def epoch_pictures(model, cfg, run: Path, epoch: int, final: bool = False) -> torch.Tensor | None:
-    """Sample grids (fixed noise, so epochs are comparable) and, where asked, the manifold.
-
-    Returns the samples drawn, or None.
-    """
-    model.eval()
-    samples = None
-    final = final or epoch == cfg.epochs
-    if epoch in cfg.sample_epochs or final:
-        gen = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
-        samples = model.sample(cfg.num_samples, generator=gen)
-        save_grid(samples, run / "samples" / f"epoch_{epoch:03d}.png")
-    if getattr(model, "latent_dim", None) == 2 and hasattr(model, "manifold") and (
-            epoch in getattr(cfg, "manifold_epochs", ()) or final):
-        n = cfg.manifold_size
-        save_grid(model.manifold(n), run / "manifold" / f"epoch_{epoch:03d}.png", nrow=n, scale=1)
-    return samples

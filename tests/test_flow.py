@@ -166,6 +166,17 @@ def test_every_parameter_gets_a_gradient(arch):
         assert p.grad.abs().sum() > 0, name
 
 
+def test_the_flow_compiles_to_one_graph_without_breaks():
+    """--compile must compile the flow, not fall back to eager code: a graph break at each
+    ActNorm (reading its buffer) made dynamo recompile per layer until it gave up."""
+    flow = RealNVP(hidden_dim=4, num_blocks=1, num_couplings=1)
+    x = RealNVP.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8))
+    flow.initialize(x)
+    flow.train()
+    explained = torch._dynamo.explain(flow.flow)(torch.logit(x.clamp(0.01, 0.99)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def test_sample_and_generate():
     model = tiny_flow(temperature=0.5).eval()
     imgs = model.sample(5, generator=torch.Generator().manual_seed(0))

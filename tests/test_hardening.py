@@ -62,6 +62,7 @@ def test_out_of_range_numbers(fake_data_dir, tmp_path, capsys):
         (["train", "flow", "--batch-size", "1", "--out", r], "batch_size must be >= 2"),
         (["train", "vae", "--sample-epochs", "0,-1", "--out", r], "integers >= 0"),
         (["evaluate", r, "--iw-samples", str(10 ** 7)], "--iw-samples must lie in"),
+        (["evaluate", r, "--num-samples", "3"], "--num-samples in 4..1000000"),
         (["report", r, "--out", "x.png"], "must end in .html"),
     ]
     for argv, match in cases:
@@ -354,6 +355,20 @@ def test_a_runs_config_is_recognised_and_serves_as_a_config(run, fake_data_dir, 
                     str(run / "config.yaml"))) == 0
 
 
+def test_a_retired_option_in_an_old_run_loads_and_given_anew_is_refused(run, fake_data_dir,
+                                                                       tmp_path, capsys):
+    """--compile is offered for flow and diffusion only; runs of the vae that recorded it
+    (every run before) still sample, and a config that asks for it says why not."""
+    config = run / "config.yaml"
+    config.write_text(config.read_text() + "compile: true\n")
+    assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    old = tmp_path / "old.yaml"
+    old.write_text("compile: true\n")
+    one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "new", "--config", str(old)),
+                   "compile is offered where it pays, for flow and diffusion")
+    assert not (tmp_path / "new").exists()
+
+
 def yaml_of(path):
     import yaml
 
@@ -403,9 +418,10 @@ def test_evaluation_on_a_tiny_split_reports_what_it_can(fake_data_dir, tmp_path,
                  "--epochs", "1", "--batch-size", "32", "--sample-epochs", "", "--quiet",
                  "--out", str(run)]) == 0
     for split, n in (("test[100:101]", 1), ("test[100:103]", 3), ("test[100:104]", 4)):
-        assert main(["evaluate", str(run), "--split", split, "--json"]) == 0
+        assert main(["evaluate", str(run), "--split", split, "--num-samples", "50",
+                     "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
-        assert res["n_images"] == n
+        assert res["n_images"] == n and res["frechet"]["n_generated"] == 50
         pr, fd, kid = res["precision_recall"], res["frechet"], res["kid"]
         assert (pr["precision"] is None) == (n < 4) and (fd["distance"] is None) == (n < 2)
         assert (kid["mean"] is None) == (n < 2)

@@ -6,6 +6,7 @@ here fails ``test_every_offered_value_is_covered``.
 
 import argparse
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -169,11 +170,17 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
             pictures.append(tmp_path / f"m-{checkpoint}.png")
             assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
                                str(pictures[-1]), *common])
-        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json", *common])
+        # A GAN's evaluation always scores samples: 100 of them, not 10000, keep this fast.
+        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json",
+                           "--num-samples", "100", *common])
         assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--no-naive",
-                           "--dequant-samples", "2", "--time-samples", "2", *common])
+                           "--dequant-samples", "2", "--time-samples", "2", "--num-samples",
+                           "100", *common])
     assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--sample-quality",
-                       "--device", "auto"])
+                       "--num-samples", "100", "--device", "auto"])
+    scored = json.loads((run / "evaluation.json").read_text())
+    assert any("samples=100)" in key and scored[key]["frechet"]["n_generated"] == 100
+               for key in scored)
     for command in ("sample", "interpolate", "manifold", "evaluate"):
         if command == "manifold" and model != "vae":
             continue
@@ -193,7 +200,8 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     if model == "vae":
         pictures.append(tmp_path / "p-m.png")
         assert_ok(capsys, ["manifold", str(packed), "--size", "3", "--out", str(pictures[-1])])
-    assert_ok(capsys, ["evaluate", str(packed), "--iw-samples", "3", "--json"])
+    assert_ok(capsys, ["evaluate", str(packed), "--iw-samples", "3", "--num-samples", "100",
+                       "--json"])
     assert_ok(capsys, ["report", str(packed), "--out", str(tmp_path / "p.html")])
     for device in ("auto", "cpu"):
         assert_ok(capsys, ["score", str(tmp_path / "s.npz"), "--dataset", "mnist",

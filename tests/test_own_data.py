@@ -94,7 +94,8 @@ def test_each_source_trains_evaluates_samples_and_reports(kind, tmp_path, capsys
         quality = []
     else:
         quality = ["--sample-quality"]
-    assert main(["evaluate", str(run), "--iw-samples", "5", "--json", *quality]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "5", "--num-samples", "100", "--json",
+                 *quality]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["iwae"]["k"] == 5 and math.isfinite(res["iwae"]["bits_per_dim"])
     assert ("frechet" in res) == (kind != "png")

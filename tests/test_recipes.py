@@ -32,6 +32,7 @@ def test_recipe_short_version(recipe, fake_data_dir, tmp_path, capsys):
         if key not in ("model", "dataset", "epochs", "train_split", "val_split", "test_split",
                        "offline"):
             assert saved[key] == value, key
-    assert main(["evaluate", str(run), "--iw-samples", "5", "--time-samples", "2", "--json"]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "5", "--time-samples", "2",
+                 "--num-samples", "100", "--json"]) == 0
     assert main(["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
     assert "Traceback" not in capsys.readouterr().err

@@ -107,7 +107,9 @@ class ActNorm(Transform):
         return (self.log_scale.sum() * x.shape[2] * x.shape[3]).expand(x.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and not self.initialized:
+        # Reading the buffer is a data-dependent branch, which would split a compiled graph
+        # at every ActNorm; the trainer initialises the flow before it compiles it.
+        if self.training and not torch.compiler.is_compiling() and not self.initialized:
             self._initialize(x)
         return (x + self.loc) * torch.exp(self.log_scale), self._logabsdet(x)
 
