@@ -113,6 +113,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10000, metavar="N",
                    help="samples drawn for the sample-quality scores (default 10000, the "
                         "usual count; fewer for a quick look, kept under its own key)")
+    p.add_argument("--sample-steps", type=int, metavar="N",
+                   help="diffusion: denoising steps of the scored samples (default: the run's "
+                        "--sample-steps)")
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -286,7 +289,8 @@ def cmd_evaluate(args) -> int:
                                args.data_dir, args.offline, args.checkpoint,
                                quiet=args.quiet or args.json, sample_quality=args.sample_quality,
                                naive=args.naive, dequant_samples=args.dequant_samples,
-                               time_samples=args.time_samples, num_samples=args.num_samples)
+                               time_samples=args.time_samples, num_samples=args.num_samples,
+                               sample_steps=args.sample_steps)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -314,7 +318,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from dgm.evaluate import load_model
+    from dgm.evaluate import load_model, set_sample_steps
     from dgm.plots import save_grid
     from dgm.quality import draw_samples
     from dgm.runs import atomic_write
@@ -330,13 +334,7 @@ def cmd_sample(args) -> int:
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
-    if args.sample_steps is not None:
-        if not hasattr(model, "sample_steps"):
-            raise DgmError(f"--sample-steps is for diffusion runs, and {args.run} holds a "
-                           f"{name}")
-        if not 1 <= args.sample_steps <= 10000:
-            raise DgmError("--sample-steps must lie in 1..10000")
-        model.sample_steps = args.sample_steps
+    set_sample_steps(model, name, args.sample_steps, args.run)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:

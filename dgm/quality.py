@@ -206,11 +206,12 @@ def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
         "frechet", ("distance", "real_reference"),
         lambda: (frechet_distance(f_test, f_fake), frechet_distance(f_test, f_ref)),
         n_generated=n_samples, n_test=n_test, features=cite)
+    m = min(1000, n_test, n_samples)  # the floor on subsets of the same size as the score
     scores["kid"] = score(
         "kid", ("mean", "std", "real_reference", "real_reference_std"),
-        lambda: (*kernel_distance(f_test, f_fake, seed=seed),
-                 *kernel_distance(f_test, f_ref, seed=seed)),
-        subsets=100, subset_size=min(1000, n_test, n_samples), features=cite)
+        lambda: (*kernel_distance(f_test, f_fake, subset_size=m, seed=seed),
+                 *kernel_distance(f_test, f_ref, subset_size=m, seed=seed)),
+        subsets=100, subset_size=m, features=cite)
     scores["precision_recall"] = score(
         "precision_recall", ("precision", "recall", "real_precision", "real_recall"), pr,
         k=k, features=cite)

@@ -48,6 +48,19 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
                 "precision 0.661 (floor 0.895), recall 0.569 (floor 0.897)",
         check_args=("--split", "test[:200]", "--iw-samples", "100", "--no-naive"),
         check={"elbo.log_px_nats": -232.59, "iwae.log_px_nats": -229.47}),
+    ZooModel(
+        name="gan-fashion-mnist",
+        sha256="604858ac012bae6177bb160dc61a6a459318caf6e9ec774d72dd18f7f2c7de6e",
+        data="fashion-mnist in [-1, 1]: trained on train[:90%], validated on train[90%:]",
+        recipe="dgm train gan --config recipes/gan-fashion-mnist.yaml (conv, 32 base "
+               "channels, ns loss, EMA 0.999 of G, 25 epochs; 45 min on one thread of a "
+               "2-core AMD EPYC, 81 GFLOP/s sgemm), then dgm evaluate RUN (10000 samples)",
+        results="in dgm-fashion-mnist-cnn-v1, 10000 samples against the 10000 test images: "
+                "Frechet 9.40 (floor 0.13), KID 56.7 +- 28.1 (floor -2.2), precision 0.680 "
+                "(floor 0.895), recall 0.822 (floor 0.897)",
+        check_args=("--split", "test[:200]", "--num-samples", "200"),
+        check={"frechet.distance": 18.11, "precision_recall.precision": 0.79,
+               "precision_recall.recall": 0.90}),
 )}
 
 

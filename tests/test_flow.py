@@ -107,6 +107,35 @@ def test_checkerboard_mask():
     assert torch.equal(checkerboard_mask(3, 4, 1)[0, 0], 1 - m)
 
 
+def test_actnorm_initialises_from_its_first_training_batch():
+    """Zero mean and unit standard deviation per channel on that batch, then fixed; on a
+    non-square image the log-det counts every pixel (H * W per channel)."""
+    gen = torch.Generator().manual_seed(0)
+    x = 3 + 2 * torch.randn(64, 3, 2, 5, generator=gen, dtype=torch.float64)
+    layer = ActNorm(3).double()
+    assert not layer.initialized
+    y, ld = layer.train()(x)
+    assert layer.initialized
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(y.std((0, 2, 3)), torch.ones(3, dtype=torch.float64),
+                               atol=1e-5, rtol=0)  # std / (std + 1e-6)
+    torch.testing.assert_close(ld[:2], flat_jacobian_logdets(layer, x[:2]))
+    torch.testing.assert_close(layer(x + 1)[0], y + torch.exp(layer.log_scale))  # now fixed
+    assert not ActNorm(3).eval()(x.float())[0].ne(x.float()).any()  # eval: no init
+
+
+def test_coupling_defaults_and_its_mask_is_not_saved():
+    """The documented defaults; the mask is rebuilt from the shape, not read from (or
+    expected in) a checkpoint."""
+    c = AffineCoupling((2, 4, 4))
+    ref = AffineCoupling((2, 4, 4), "checkerboard", 0, "conv", 32, 1, 2.0)
+    assert [p.shape for p in c.parameters()] == [p.shape for p in ref.parameters()]
+    assert torch.equal(c.mask, ref.mask) and torch.equal(c.mask, checkerboard_mask(4, 4, 0))
+    assert c.scale_clamp == 2.0
+    assert not any("mask" in k for k in c.state_dict())
+    assert checkerboard_mask(2, 2)[0, 0, 0, 0] == 1  # default parity 0
+
+
 class Identity(Transform):
     def forward(self, x):
         return x.flatten(1), x.new_zeros(len(x))

@@ -417,7 +417,8 @@ def test_evaluation_on_a_tiny_split_reports_what_it_can(fake_data_dir, tmp_path,
                  "--offline", "--train-split", "train[:64]", "--val-split", "test[:32]",
                  "--epochs", "1", "--batch-size", "32", "--sample-epochs", "", "--quiet",
                  "--out", str(run)]) == 0
-    for split, n in (("test[100:101]", 1), ("test[100:103]", 3), ("test[100:104]", 4)):
+    for split, n in (("test[100:101]", 1), ("test[100:102]", 2), ("test[100:103]", 3),
+                     ("test[100:104]", 4)):
         assert main(["evaluate", str(run), "--split", split, "--num-samples", "50",
                      "--json"]) == 0
         res = json.loads(capsys.readouterr().out)

@@ -181,6 +181,14 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     scored = json.loads((run / "evaluation.json").read_text())
     assert any("samples=100)" in key and scored[key]["frechet"]["n_generated"] == 100
                for key in scored)
+    if model == "diffusion":  # its samples' scores at another number of steps, kept apart
+        assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
+                           "--num-samples", "100", "--sample-steps", "2"])
+        assert any("sample steps=2)" in key
+                   for key in json.loads((run / "evaluation.json").read_text()))
+    else:
+        assert_one_line(capsys, ["evaluate", str(run), "--sample-steps", "2"],
+                        "for diffusion runs")
     for command in ("sample", "interpolate", "manifold", "evaluate"):
         if command == "manifold" and model != "vae":
             continue

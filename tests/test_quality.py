@@ -320,6 +320,11 @@ def test_parzen_log_likelihood_by_hand():
     assert res["bits_per_dim"] == pytest.approx((-ll.mean().item() + 4 * math.log(255))
                                                 / (4 * math.log(2)))
     assert res["n_samples"] == 30 and res["n_val"] == 20
+    # Two test images have a standard error; one has none.
+    two = parzen_log_prob(test[:2], samples, sigmas[best:best + 1])[0]
+    assert parzen_log_likelihood(samples, val, test[:2], sigmas)["sem_nats"] == \
+        pytest.approx(two.std().item() / math.sqrt(2))
+    assert math.isnan(parzen_log_likelihood(samples, val, test[:1], sigmas)["sem_nats"])
     assert parzen_log_likelihood(samples, val, test, sigmas[:best + 1])["sigma_at_grid_edge"]
     assert parzen_log_likelihood(samples, val, test, sigmas[best:])["sigma_at_grid_edge"]
     # The default grid: 31 bandwidths from 0.01 to 1, log-spaced.
@@ -333,6 +338,10 @@ def test_kernel_distance_defaults():
     a, b = torch.randn(300, 4, generator=gen), torch.randn(200, 4, generator=gen)
     assert kernel_distance(a, b) == kernel_distance(a, b, subsets=100, subset_size=1000, seed=0)
     assert kernel_distance(a, b) != kernel_distance(a, b, subsets=101)
+    # Beyond 1000 images per set the subsets are 1000, not all of them.
+    a, b = torch.randn(1001, 4, generator=gen), torch.randn(1001, 4, generator=gen)
+    assert kernel_distance(a, b) == kernel_distance(a, b, subset_size=1000)
+    assert kernel_distance(a, b) != kernel_distance(a, b, subset_size=1001)
 
 
 def test_sample_quality_draws_its_samples_in_chunks_and_scores_them(fashion):
@@ -359,3 +368,12 @@ def test_sample_quality_draws_its_samples_in_chunks_and_scores_them(fashion):
                                           subsets=100, subset_size=500, seed=1234)[0]
     parzen = parzen_log_likelihood(fakes, other_x[:100].double() / 255, test_x.double() / 255)
     assert res["parzen"]["log_px_nats"] == pytest.approx(parzen["log_px_nats"], rel=1e-9)
+    # The other scores are those of the same features: the Frechet distance, and precision
+    # and recall with k = 3 neighbours.
+    f_fake = extract_features(features[0], fakes)
+    assert res["frechet"]["distance"] == pytest.approx(frechet_distance(f_test, f_fake),
+                                                       rel=1e-9)
+    pr = precision_recall(f_test, f_fake, 3)
+    assert res["precision_recall"]["k"] == 3
+    assert (res["precision_recall"]["precision"], res["precision_recall"]["recall"]) == \
+        (pr["precision"], pr["recall"])
