@@ -264,6 +264,16 @@ def test_vamp_prior_draws_prepare_and_iwae_validation():
     out = VAE(latent_dim=3, hidden_dim=8, iwae_k=3).validation_step(
         torch.bernoulli(torch.full((4, 1, 28, 28), 0.3)))
     assert set(out) == {"val_elbo", "val_kl", "val_iwae"}
+    # The validation numbers are the model's own ELBO, KL and IWAE bound (k = 2 counts).
+    model, xb = VAE(latent_dim=3, hidden_dim=8, iwae_k=2), torch.bernoulli(
+        torch.full((4, 1, 28, 28), 0.3))
+    torch.manual_seed(5)
+    out = model.validation_step(xb)
+    torch.manual_seed(5)
+    rec, kl = model(xb)
+    torch.testing.assert_close(out["val_elbo"], (rec - kl).mean())
+    torch.testing.assert_close(out["val_kl"], kl.mean())
+    torch.testing.assert_close(out["val_iwae"], model.iwae_bound(xb, 2).mean())
     assert "val_iwae" not in VAE(latent_dim=3, hidden_dim=8).validation_step(
         torch.bernoulli(torch.full((4, 1, 28, 28), 0.3)))
 
