@@ -459,3 +459,26 @@ def test_resumed_conv_gan_run_equals_uninterrupted_run(fake_data_dir, tmp_path):
     for key in ("state_dict", "ema_state_dict"):
         for k, v in a[key].items():
             assert torch.equal(v, b[key][k]), (key, k)
+
+
+def test_conv_networks_are_as_documented():
+    """The module docstring's sizes, shapes and slopes, and the one shape constraint."""
+    from dgm.models.conv_gan import (
+        ConvDiscriminator,
+        ConvGenerator,
+        apply_spectral_norm,
+        check_conv_shape,
+    )
+
+    g, d = ConvGenerator(100, (1, 28, 28)), ConvDiscriminator((1, 28, 28))
+    assert sum(p.numel() for p in g.parameters()) == 791_777
+    assert sum(p.numel() for p in d.parameters()) == 138_561
+    x = torch.zeros(2, 1, 28, 28)
+    assert d.net[:2](x).shape == (2, 64, 14, 14) and d.net[:4](x).shape == (2, 128, 7, 7)
+    assert [m.negative_slope for m in d.modules() if isinstance(m, torch.nn.LeakyReLU)] == \
+        [0.2, 0.2]
+    assert ConvGenerator(8, (1, 8, 8), channels=2).net[-2].in_channels == 1  # c/2, at least 1
+    for shape in ((1, 28, 30), (1, 30, 28)):
+        with pytest.raises(DgmError, match="divisible by 4"):
+            check_conv_shape(shape)
+    assert apply_spectral_norm(d) is d
