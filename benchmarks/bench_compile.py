@@ -18,24 +18,17 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from dgm.bench import SHAPE, _timed, matmul_rate
+from dgm.bench import _timed, matmul_rate, model_and_batch
 from dgm.config import from_dict
-from dgm.models import build_model
 from dgm.runs import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def model_and_batch(name: str, cfg):
-    torch.manual_seed(0)
-    model = build_model(name, cfg, SHAPE)
-    optimizers = model.configure_optimizers(cfg)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (cfg.batch_size, *SHAPE), dtype=torch.uint8, generator=gen)
-    if hasattr(model, "initialize"):
-        model.initialize(model.prepare(x, gen))
-    model.train()
-    return model, optimizers, lambda: model.training_step(model.prepare(x, gen), optimizers)
+def training_step(name: str, cfg):
+    """The model and one training step of it on a fixed random batch."""
+    model, optimizers, x, gen = model_and_batch(name, cfg)
+    return model, lambda: model.training_step(model.prepare(x, gen), optimizers)
 
 
 def main() -> None:
@@ -54,11 +47,11 @@ def main() -> None:
     for name in args.recipes.split(","):
         values = read_yaml(ROOT / "recipes" / f"{name}-fashion-mnist.yaml")
         cfg = from_dict(values.pop("model"), values)
-        _, _, step = model_and_batch(name, cfg)
+        _, step = training_step(name, cfg)
         eager_s = _timed(step, args.seconds)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        model, _, step = model_and_batch(name, cfg)
+        model, step = training_step(name, cfg)
         for child in model.children():
             child.compile()
         t0 = time.perf_counter()

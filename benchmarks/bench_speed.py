@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from dgm.bench import matmul_rate
 from dgm.config import CONFIGS
 from dgm.data import load_split
 from dgm.maths import dequantize
@@ -34,22 +35,6 @@ from dgm.models import build_model
 from dgm.train import _train_epoch
 
 IMAGES = {"vae": 25600, "gan": 12800, "flow": 1024}  # about 10 s of dgm time each, on 2 cores
-
-
-def matmul_rate(device: torch.device, dtype=torch.float32, n: int = 1024,
-                seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device,
-                                                                       dtype=dtype)
-    for _ in range(3):
-        a @ b
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
-            a @ b
-        count += 10
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
 def step_flops(name: str, cfg, x: torch.Tensor, device) -> float:
@@ -174,7 +159,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     x_all, _ = load_split("fashion-mnist", "train", offline=True)
-    rate = matmul_rate(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    rate = matmul_rate(torch.bfloat16 if args.precision == "bf16" else torch.float32,
+                       seconds=2.0, device=device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"{args.precision}; measured matmul rate {rate / 1e9:.1f} GFLOP/s")
     print("| model | batch | images | dgm img/s | reference img/s | dgm / reference "

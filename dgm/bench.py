@@ -22,7 +22,7 @@ from dgm.models import build_model
 from dgm.runs import read_yaml
 from dgm.train import autocast, cpu_has_native_bf16
 
-__all__ = ["bench", "matmul_rate", "recipe_files"]
+__all__ = ["bench", "matmul_rate", "model_and_batch", "recipe_files"]
 
 # The built-in data sets' sizes and shape: what a recipe's splits count, without the data.
 SIZES = {"train": 60000, "test": 10000}
@@ -45,15 +45,21 @@ def recipe_files(given: list[str]) -> list[Path]:
                    "FILE.yaml ...")
 
 
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024,
-                seconds: float = 1.0) -> float:
-    """FLOP/s of an n^3 matrix multiply in ``dtype`` on the CPU (best of 1-second windows)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0,
+                device: str | torch.device = "cpu") -> float:
+    """FLOP/s of an n^3 matrix multiply in ``dtype``, over a window of ``seconds``."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
+    # A GPU queues its products: wait for them, ten at a time so that waiting costs little.
+    batch, sync = (10, torch.cuda.synchronize) if device.type == "cuda" else (1, lambda: None)
+    sync()
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
+        for _ in range(batch):
+            a @ b
+        sync()
+        count += batch
     return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
@@ -72,17 +78,24 @@ def _timed(fn, seconds: float, least: int = 2) -> float:
     return (time.perf_counter() - t0) / count
 
 
-def speeds(model_name: str, cfg, precision: str, seconds: float) -> tuple[float, float]:
-    """Training and validation images per second of one recipe's model, in ``precision``."""
+def model_and_batch(model_name: str, cfg) -> tuple:
+    """A recipe's model in training mode, its optimisers, one batch of random uint8 images of
+    its shape and a seeded generator, the model initialised from that batch as the trainer
+    does: what one training step needs."""
     torch.manual_seed(0)
-    device = torch.device("cpu")
     model = build_model(model_name, cfg, SHAPE)
     optimizers = model.configure_optimizers(cfg)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (cfg.batch_size, *SHAPE), dtype=torch.uint8, generator=gen)
     if hasattr(model, "initialize"):
         model.initialize(model.prepare(x, gen))
-    model.train()
+    return model.train(), optimizers, x, gen
+
+
+def speeds(model_name: str, cfg, precision: str, seconds: float) -> tuple[float, float]:
+    """Training and validation images per second of one recipe's model, in ``precision``."""
+    device = torch.device("cpu")
+    model, optimizers, x, gen = model_and_batch(model_name, cfg)
 
     def train_step():  # what dgm.train._train_epoch does per batch
         with autocast(device, precision):
