@@ -10,8 +10,9 @@ import torch
 
 from dgm import RealNVP
 from dgm.cli import main
-from dgm.config import from_dict
+from dgm.config import FlowConfig, from_dict
 from dgm.data import load_split
+from dgm.errors import DgmError
 from dgm.maths import LOG_2PI, logit_transform
 from dgm.models.flow import build_conv_flow, build_mlp_flow
 from dgm.models.transforms import (
@@ -213,6 +214,116 @@ def test_sample_and_generate():
     again = model.sample(5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(imgs, again)
     assert model.generate(torch.zeros(2, *model.latent_shape)).shape == (2, 1, 28, 28)
+
+
+def _couplings(level) -> list:
+    return [t for t in level.transforms if isinstance(t, AffineCoupling)]
+
+
+def test_conv_flow_alternates_masks_and_ends_with_one_more_checkerboard():
+    """Per scale: num_couplings checkerboard couplings, a squeeze, num_couplings channel
+    couplings, parities 0, 1, 0, ... (a wrong parity leaves half the pixels untouched);
+    the last level has num_couplings + 1 checkerboards, as in RealNVP."""
+    t = build_conv_flow((1, 8, 8), 4, 1, 3, 1, False, 2.0)
+    first, last = t.levels
+    assert [(c.mask_type, c.parity) for c in _couplings(first)] == \
+        [("checkerboard", 0), ("checkerboard", 1), ("checkerboard", 0),
+         ("channel", 0), ("channel", 1), ("channel", 0)]
+    assert isinstance(first.transforms[3], Squeeze)
+    assert [(c.mask_type, c.parity) for c in _couplings(last)] == \
+        [("checkerboard", p) for p in (0, 1, 0, 1)]
+    mlp = build_mlp_flow((1, 4, 4), 8, 1, 2, True, 2.0)
+    assert [c.parity for c in _couplings(mlp.levels[0])] == [0, 1, 0, 1]
+    assert sum(isinstance(m, ActNorm) for m in mlp.modules()) == 4
+
+
+def test_conv_flow_refuses_a_squeeze_of_an_odd_side():
+    with pytest.raises(ValueError, match="cannot squeeze 4x3"):
+        build_conv_flow((1, 8, 6), 4, 1, 1, 2, True, 2.0)  # 8x6 -> 4x3 -> odd width
+
+
+def test_the_documented_defaults():
+    """The widths that --help states (32 channels for conv, the report's 1024 units for
+    mlp), one default set whether built directly or from FlowConfig, 28x28 grey images."""
+    direct, from_cfg = RealNVP(), RealNVP.from_config(FlowConfig())
+    assert from_cfg.image_shape == (1, 28, 28)
+    assert [p.shape for p in direct.parameters()] == [p.shape for p in from_cfg.parameters()]
+    for m in (direct, from_cfg):
+        assert (m.alpha, m.temperature) == (1e-6, 1.0)
+        couplings = [c for c in m.modules() if isinstance(c, AffineCoupling)]
+        assert len(couplings) == 2 * (3 + 3) + 4 and {c.scale_clamp for c in couplings} == {2.0}
+    def width(model):  # of the first coupling's first layer
+        net = next(m for m in model.modules() if isinstance(m, AffineCoupling)).net
+        return next(p.shape[0] for p in net.parameters() if p.dim() > 1)
+    widths = {arch: width(RealNVP(arch)) for arch in ("conv", "mlp")}
+    assert widths == {"conv": 32, "mlp": 1024}
+
+
+@pytest.mark.parametrize("shape, scales, fits", [((1, 6, 4), 2, 1), ((1, 4, 6), 2, 1),
+                                                 ((1, 8, 5), 2, 0), ((1, 6, 3), 1, 0),
+                                                 ((1, 12, 8), 2, None), ((1, 5, 7), 0, None)])
+def test_from_config_names_the_scales_that_fit(shape, scales, fits):
+    """--num-scales n needs sides divisible by 2^n; the error names the most scales that
+    fit, and the mlp arch has no squeezes to fit."""
+    assert RealNVP.from_config(FlowConfig(arch="mlp", num_scales=scales, hidden_dim=4),
+                               shape).image_shape == shape
+    cfg = FlowConfig(num_scales=scales, hidden_dim=4)
+    if fits is None:
+        assert RealNVP.from_config(cfg, shape).image_shape == shape
+        return
+    with pytest.raises(DgmError, match=f"divisible by {2**scales},.* are {shape[1]}x{shape[2]}; "
+                                       f"use --num-scales {fits} or --arch mlp"):
+        RealNVP.from_config(cfg, shape)
+
+
+def test_bits_per_dim_and_sampling_follow_their_formulas():
+    """bits/dim = -log p / (D ln 2); a sample is generate(temperature * z) for the
+    generator's z; generate clamps to [0, 1] where the logit's inverse overshoots."""
+    model = tiny_flow(temperature=0.5).eval()
+    x = RealNVP.prepare(torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8))
+    torch.testing.assert_close(model.bits_per_dim(x),
+                               -model.log_prob(x) / (784 * math.log(2)))
+    z = torch.randn(4, 784, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.sample(4, generator=torch.Generator().manual_seed(1)),
+                               model.generate(0.5 * z))
+    far = torch.full((2, 784), 80.0) * torch.tensor([[1.0], [-1.0]])
+    raw = model.inverse(far)[0]
+    assert raw.max() > 1 and raw.min() < 0  # the overshoot the clamp is for
+    x = model.generate(far)
+    assert x.min() == 0 and x.max() == 1
+
+
+def test_variational_log_prob_is_the_bound_it_documents():
+    """log p(x + u/256) - log q(u | x) with u from q at the 8-bit image under x, computed by
+    hand; an image at exactly 1.0 (pixel 255) stays in the flow's domain."""
+    model = tiny_flow(dequantization="variational").eval()
+    pixels = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    pixels[0, 0, 0, :2] = torch.tensor([0, 255], dtype=torch.uint8)
+    x = RealNVP.prepare(pixels)
+    torch.manual_seed(3)
+    got = model.log_prob(x)
+    torch.manual_seed(3)
+    base = pixels.float() / 256
+    u, log_q = model.dequantizer(base)
+    z, logabsdet = model(base + u / 256)
+    want = (-0.5 * (z ** 2 + LOG_2PI).sum(1) + logabsdet - 784 * math.log(256) - log_q)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(model.log_prob(torch.ones(2, 1, 28, 28))).all()
+
+
+def test_learning_rate_warms_up_linearly_from_the_first_step():
+    """lr_k = lr * min(1, k / warmup) at step k = 1, 2, ...; the count is in the optimiser's
+    state, so a resumed run carries on from it."""
+    model = tiny_flow()
+    opts = model.configure_optimizers(FlowConfig(lr=1e-3, warmup_steps=4))
+    x = RealNVP.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8))
+    model.initialize(x)
+    lrs = []
+    for _ in range(6):
+        model.training_step(x, opts)
+        lrs.append(opts["adam"].param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert opts["adam"].state_dict()["param_groups"][0]["num_steps"] == 6
 
 
 def test_tiny_flow_learns_on_real_images(real_data_dir):
