@@ -8,6 +8,7 @@ import torch
 
 from dgm.cli import main
 from dgm.config import DiffusionConfig
+from dgm.errors import DgmError
 from dgm.models.diffusion import (
     Diffusion,
     NoiseSchedule,
@@ -15,6 +16,7 @@ from dgm.models.diffusion import (
     decoder_log_prob,
     decoder_logits,
     prior_kl,
+    stratified_times,
     to_unit_range,
     to_values,
 )
@@ -205,8 +207,6 @@ def test_unet_shapes_and_divisibility(tmp_path):
         net = UNet(shape[0], 8, mults, 2)
         assert net(torch.randn(2, *shape), torch.rand(2)).shape == (2, *shape)
     cfg = DiffusionConfig(channel_mults=[1, 2, 2, 2])  # 28 / 8 is not whole
-    from dgm.errors import DgmError
-
     with pytest.raises(DgmError, match="divisible by 8"):
         Diffusion.from_config(cfg, (1, 28, 28))
 
@@ -269,3 +269,183 @@ def test_bad_options_are_one_line_errors(flags, match, fake_data_dir, tmp_path, 
                  "--offline", "--quiet", "--out", str(tmp_path / "r"), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_to_values_inverts_to_unit_range_within_each_bin():
+    k = torch.arange(256)
+    x = to_unit_range(k.to(torch.uint8))
+    assert torch.equal(to_values(x), k)
+    half_bin = 1 / 256  # bins are 2 / 256 wide on [-1, 1]
+    assert torch.equal(to_values(x + 0.99 * half_bin), k)
+    assert torch.equal(to_values(x - 0.99 * half_bin), k)
+    assert torch.equal(to_values(torch.tensor([-1.5, 1.5])), torch.tensor([0, 255]))
+
+
+def test_the_documented_defaults():
+    """VDM's fixed schedule (-13.3 to 5), the README's U-Net (32 channels, multipliers
+    1, 2, 2, one block a level: 1,062,497 parameters), DDIM in 25 steps, 28x28 grey
+    images; one default set whether built directly or from DiffusionConfig."""
+    direct, from_cfg = Diffusion(), Diffusion.from_config(DiffusionConfig())
+    for m in (direct, from_cfg):
+        assert m.image_shape == (1, 28, 28)
+        assert (m.schedule.kind, m.schedule.gamma_min, m.schedule.gamma_max) == \
+            ("linear", -13.3, 5.0)
+        assert (m.sampler, m.sample_steps, m.loss, m.parameterization) == \
+            ("ddim", 25, "elbo", "eps")
+        assert sum(p.numel() for p in m.parameters()) == 1_062_497
+    assert [p.shape for p in direct.parameters()] == [p.shape for p in from_cfg.parameters()]
+    s = NoiseSchedule()
+    assert (s.kind, s.gamma_min, s.gamma_max) == ("linear", -13.3, 5.0)
+    assert Diffusion(loss="elbo").best_metric == ("val_bpd", "min")
+    assert Diffusion(loss="simple").best_metric == ("val_mse", "min")
+
+
+@pytest.mark.parametrize("changes, shape, match", [
+    (dict(channel_mults=[]), (1, 28, 28), "one or more integers"),
+    (dict(channel_mults=[0, 1]), (1, 28, 28), "one or more integers"),
+    (dict(), (1, 28, 30), "divisible by 4, and these images are 28x30"),
+    (dict(), (1, 30, 28), "divisible by 4, and these images are 30x28"),
+    (dict(gamma_min=5.0), (1, 28, 28), "must be below --gamma-max"),
+])
+def test_from_config_refuses_what_the_python_api_can_pass(changes, shape, match):
+    """DiffusionConfig(...) in Python is not validated as the CLI's options are."""
+    with pytest.raises(DgmError, match=match):
+        Diffusion.from_config(DiffusionConfig(**changes), shape)
+
+
+def test_decoder_is_a_gaussian_around_z0_over_the_256_bin_centres():
+    """log p(k | z_0) = log N(z_0; alpha_0 x_k, sigma_0^2) normalised over k."""
+    gen = torch.Generator().manual_seed(0)
+    z_0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    gamma_0 = torch.tensor(-4.0, dtype=torch.float64)  # wide enough to spread over bins
+    alpha_0, sigma_0 = alpha_sigma(gamma_0)
+    centres = to_unit_range(torch.arange(256)).double()
+    want = torch.distributions.Normal(alpha_0 * centres, sigma_0).log_prob(z_0[..., None])
+    torch.testing.assert_close(torch.log_softmax(decoder_logits(z_0, gamma_0), -1),
+                               torch.log_softmax(want, -1))
+
+
+def _snr(gamma: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-gamma)
+
+
+def test_bound_terms_by_hand():
+    """The T-step diffusion term T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2 (VDM eq. 13, in
+    x-space), the eps error, a reconstruction -log p >= 0, bits/dim = total / (D ln 2)."""
+    model = tiny_model().double()
+    gen = torch.Generator().manual_seed(4)
+    x = to_unit_range(torch.randint(0, 256, (6, 1, 8, 8), generator=gen)).double()
+    eps, eps_0 = (torch.randn(x.shape, generator=gen, dtype=x.dtype) for _ in range(2))
+    steps = 5
+    t = torch.tensor([1, 2, 3, 4, 5, 5], dtype=x.dtype) / steps
+    terms = model.bound_terms(x, t, eps, eps_0, steps)
+    g_t, g_s = model.schedule.gamma(t), model.schedule.gamma(t - 1 / steps)
+    alpha, sigma = alpha_sigma(g_t)
+    z_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * eps
+    eps_hat = model.predict_eps(z_t, t)
+    x_hat = (z_t - sigma.view(-1, 1, 1, 1) * eps_hat) / alpha.view(-1, 1, 1, 1)
+    want = steps / 2 * (_snr(g_s) - _snr(g_t)) * (x - x_hat).square().flatten(1).sum(1)
+    torch.testing.assert_close(terms["diffusion"], want)
+    torch.testing.assert_close(terms["mse"], (eps - eps_hat).square().mean((1, 2, 3)))
+    assert (terms["reconstruction"] >= 0).all()
+    torch.testing.assert_close(terms["total"], terms["prior"] + terms["diffusion"]
+                               + terms["reconstruction"])
+    torch.manual_seed(5)
+    bpd = model.bits_per_dim(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(bpd, model.bound_terms(x)["total"] / (64 * math.log(2)))
+
+
+def test_the_t_step_bound_draws_t_on_its_grid():
+    """Without given times, the T-step bound rounds the stratified draw up to i / T,
+    i = 1..T (t = 0 would need a step from s = -1 / T)."""
+    model = tiny_model().double()
+    x = to_unit_range(torch.randint(0, 256, (7, 1, 8, 8))).double()
+    torch.manual_seed(6)
+    got = model.bound_terms(x, steps=4)["total"]
+    torch.manual_seed(6)
+    t = torch.ceil(stratified_times(7, "cpu", x.dtype) * 4).clamp(1, 4) / 4
+    eps, eps_0 = torch.randn_like(x), torch.randn_like(x)
+    torch.testing.assert_close(got, model.bound_terms(x, t, eps, eps_0, 4)["total"])
+
+
+def test_denoiser_is_the_posterior_mean_and_steps_match_their_posteriors():
+    """With the exact denoiser of Gaussian data, x_hat is E[x | z_t] clipped to [-1, 1].
+    The ancestral step is q(z_s | z_t, x_hat) of VDM eq. 32-34, and DDIM with eta = 1 is
+    that same step (same noise, other formula); DDIM's default eta is 0 (deterministic)."""
+    model = gaussian_model()
+    gen = torch.Generator().manual_seed(7)
+    z = 3 * torch.randn(500, 2, 1, 1, generator=gen, dtype=torch.float64)
+    t, s = 0.6, 0.45
+    tt = torch.full((500,), t, dtype=torch.float64)
+    x_hat, eps_hat = model._denoise(z, tt)
+    alpha_t, sigma_t = alpha_sigma(model.schedule.gamma(tt))
+    mean = (z - sigma_t.view(-1, 1, 1, 1) * model.predict_eps(z, tt)) / alpha_t.view(-1, 1, 1, 1)
+    assert (mean.abs() > 1).any() and (mean.abs() < 1).any()  # both sides of the clip
+    torch.testing.assert_close(x_hat, mean.clamp(-1, 1))
+    torch.testing.assert_close(alpha_t.view(-1, 1, 1, 1) * x_hat
+                               + sigma_t.view(-1, 1, 1, 1) * eps_hat, z)
+    a_t, s_t = (v[0] for v in alpha_sigma(model.schedule.gamma(torch.tensor([t], dtype=torch.float64))))
+    a_s, s_s = (v[0] for v in alpha_sigma(model.schedule.gamma(torch.tensor([s], dtype=torch.float64))))
+    a_ts, var_ts = a_t / a_s, s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+    post_mean = a_ts * s_s ** 2 / s_t ** 2 * z + a_s * var_ts / s_t ** 2 * x_hat
+    post_std = (var_ts * s_s ** 2 / s_t ** 2).sqrt()
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(8), dtype=z.dtype)
+    ddpm = model.ancestral_step(z, t, s, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ddpm, post_mean + post_std * noise)
+    ddim1 = model.ddim_step(z, t, s, eta=1.0, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ddim1, ddpm)
+    torch.testing.assert_close(model.ddim_step(z, t, s), model.ddim_step(z, t, s, eta=0.0))
+    torch.testing.assert_close(model.ddim_step(z, t, s), a_s * x_hat + s_s * eps_hat)
+
+
+def test_reverse_walks_the_time_grid_and_rescales_z0():
+    model = tiny_model(sample_steps=4)
+    seen = []
+
+    def step(z, t, s, eta=0.0, generator=None):
+        seen.append((t, s))
+        return z + 0.5
+    model.ddim_step = step
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    out = model.reverse(z, 4, "ddim")
+    assert seen == [(1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)]
+    alpha_0, _ = alpha_sigma(torch.tensor(-13.3))
+    torch.testing.assert_close(out, (((z + 2) / alpha_0).clamp(-1, 1) + 1) / 2)
+
+
+def test_sample_and_generate_are_reverse_from_their_noise():
+    model = tiny_model(sample_steps=3)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(model.generate(z), model.reverse(z, 3, "ddim"))
+    got = model.sample(4, generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(got, model.reverse(z, 3, "ddim", eta=0.0))
+
+
+@pytest.mark.parametrize("loss", ["elbo", "simple"])
+def test_training_step_descends_its_loss(loss):
+    """The gradient an optimiser gets is that of the bound in bits/dim (elbo) or of the eps
+    error (simple), unclipped unless configured. On the linear schedule gamma' is constant,
+    so the two differ only by the factor gamma' / (2 ln 2): the same noise weighting."""
+    model = tiny_model(loss=loss).train()
+    x = to_unit_range(torch.randint(0, 256, (8, 1, 8, 8), generator=torch.Generator()
+                                    .manual_seed(11)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # leaves the gradient in .grad
+    torch.manual_seed(12)
+    model.training_step(x, {"adam": opt})
+    got = [p.grad.clone() for p in model.parameters()]
+    torch.manual_seed(12)
+    terms = model.bound_terms(x)
+    bpd = (terms["total"] / (64 * math.log(2))).mean()
+    mse = terms["mse"].mean()
+    want = torch.autograd.grad(bpd if loss == "elbo" else mse, list(model.parameters()))
+    assert math.sqrt(sum(g.square().sum() for g in want)) > 1  # a default clip would bite
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    if loss == "elbo":
+        torch.manual_seed(12)
+        g_mse = torch.autograd.grad(model.bound_terms(x)["mse"].mean(),
+                                    list(model.parameters()))
+        factor = (5.0 + 13.3) / (2 * math.log(2))
+        for g, w in zip(want, g_mse, strict=True):
+            torch.testing.assert_close(g, factor * w)

@@ -23,7 +23,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / max(half - 1, 1))
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    # At least fp32 (a bf16 t cannot resolve 1000 t), and fp64 for a float64 model.
+    args = 1000.0 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs[None]
     emb = torch.cat([args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, dim % 2))
 
