@@ -158,7 +158,8 @@ class DiffusionConfig(TrainConfig):
     dropout: float = opt(0.0, "dropout inside the residual blocks", min=0.0, below=1.0)
     loss: str = opt("elbo", "objective: the continuous-time variational bound in bits/dim "
                             "(elbo; Kingma et al., 2021) or the unweighted eps error with t "
-                            "uniform (simple; Ho et al., 2020)", choices=("elbo", "simple"))
+                            "uniform (simple; Ho et al., 2020); on the linear schedule the "
+                            "two weight noise levels alike", choices=("elbo", "simple"))
     parameterization: str = opt("eps", "what the U-Net predicts: the noise (eps) or "
                                        "v = alpha eps - sigma x (v)", choices=("eps", "v"))
     schedule: str = opt("linear", "-log SNR(t) from --gamma-min to --gamma-max: linear in t "
