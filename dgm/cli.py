@@ -518,7 +518,7 @@ def _import_libraries() -> None:
     import dgm.quality  # noqa: F401
     import dgm.train  # noqa: F401
 
-    dgm.plots._pyplot()
+    dgm.plots.pyplot()
 
 
 def main(argv: list[str] | None = None) -> int:

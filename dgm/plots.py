@@ -47,7 +47,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
 def plot_curves(rows: list[dict], panels: dict[str, list[str]], path: str | Path,
                 title: str = "") -> Path:
     """One panel per entry of ``panels`` (title -> metric columns), each against epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (panel, columns) in zip(axes[0], panels.items(), strict=True):
         for col in columns:
@@ -61,7 +61,7 @@ def plot_curves(rows: list[dict], panels: dict[str, list[str]], path: str | Path
 def plot_compare(series: dict[str, list[dict]]) -> bytes:
     """Several runs' metrics (label -> metrics rows), one panel per metric, a line per run;
     returned as PNG bytes, for a page that embeds it (nothing is written beside the page)."""
-    plt = _pyplot()
+    plt = pyplot()
     skip = {"epoch", "step", "time_s"}
     metrics = list(dict.fromkeys(k for rows in series.values() for r in rows for k in r
                                  if k not in skip))
@@ -79,7 +79,8 @@ def plot_compare(series: dict[str, list[dict]]) -> bytes:
     return _png_bytes(fig, dpi=100)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported on first use: it is slow)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -109,7 +110,7 @@ def _png_bytes(fig, dpi: int) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
