@@ -20,7 +20,7 @@ from dgm.models.diffusion import (
     to_unit_range,
     to_values,
 )
-from dgm.models.unet import UNet
+from dgm.models.unet import Attention, ResBlock, UNet, sinusoidal_embedding
 
 # 2-D Gaussian data N(M, S), as a (2, 1, 1) "image" so the model's own code path is used.
 M = torch.tensor([0.4, -0.3], dtype=torch.float64)
@@ -449,3 +449,29 @@ def test_training_step_descends_its_loss(loss):
         factor = (5.0 + 13.3) / (2 * math.log(2))
         for g, w in zip(want, g_mse, strict=True):
             torch.testing.assert_close(g, factor * w)
+
+
+@pytest.mark.parametrize("dim", [6, 7])
+def test_sinusoidal_embedding_is_the_transformers_at_1000_t(dim):
+    """[sin(1000 t w_i), cos(1000 t w_i)], w_i = 10000^(-i / (half - 1)), i < half = dim // 2,
+    zero-padded to an odd dim."""
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    w = torch.tensor([10000.0 ** (-i / 2) for i in range(3)], dtype=torch.float64)
+    args = 1000 * t[:, None] * w
+    want = torch.cat([args.sin(), args.cos()] + ([torch.zeros(3, 1)] if dim % 2 else []), 1)
+    torch.testing.assert_close(sinusoidal_embedding(t, dim), want.double(), rtol=0, atol=1e-5)
+
+
+def test_unet_starts_at_zero_with_identity_blocks():
+    """The output conv starts at zero (eps_hat = 0) and every residual block and the
+    attention start as the identity (or the block's 1x1 skip), with no dropout by default."""
+    gen = torch.Generator().manual_seed(13)
+    x, temb = torch.randn(2, 8, 4, 4, generator=gen), torch.randn(2, 16, generator=gen)
+    block = ResBlock(8, 8, 16)
+    assert block.dropout.p == 0.0 and UNet().down[0].dropout.p == 0.0
+    torch.testing.assert_close(block(x, temb), x)
+    wider = ResBlock(8, 16, 16)
+    torch.testing.assert_close(wider(x, temb), wider.skip(x))
+    torch.testing.assert_close(Attention(8)(x), x)
+    z = torch.randn(2, 1, 28, 28, generator=gen)
+    assert torch.equal(UNet()(z, torch.rand(2, generator=gen)), torch.zeros_like(z))
