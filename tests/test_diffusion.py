@@ -20,7 +20,7 @@ from dgm.models.diffusion import (
     to_unit_range,
     to_values,
 )
-from dgm.models.unet import Attention, ResBlock, UNet, sinusoidal_embedding
+from dgm.models.unet import Attention, ResBlock, UNet, _groups, sinusoidal_embedding
 
 # 2-D Gaussian data N(M, S), as a (2, 1, 1) "image" so the model's own code path is used.
 M = torch.tensor([0.4, -0.3], dtype=torch.float64)
@@ -452,12 +452,13 @@ def test_training_step_descends_its_loss(loss):
             torch.testing.assert_close(g, factor * w)
 
 
-@pytest.mark.parametrize("dim", [6, 7])
+@pytest.mark.parametrize("dim", [4, 6, 7])
 def test_sinusoidal_embedding_is_the_transformers_at_1000_t(dim):
     """[sin(1000 t w_i), cos(1000 t w_i)], w_i = 10000^(-i / (half - 1)), i < half = dim // 2,
     zero-padded to an odd dim."""
     t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
-    w = torch.tensor([10000.0 ** (-i / 2) for i in range(3)], dtype=torch.float64)
+    half = dim // 2
+    w = torch.tensor([10000.0 ** (-i / (half - 1)) for i in range(half)], dtype=torch.float64)
     args = 1000 * t[:, None] * w
     want = torch.cat([args.sin(), args.cos()] + ([torch.zeros(3, 1)] if dim % 2 else []), 1)
     torch.testing.assert_close(sinusoidal_embedding(t, dim), want.double(), rtol=0, atol=1e-5)
@@ -476,3 +477,20 @@ def test_unet_starts_at_zero_with_identity_blocks():
     torch.testing.assert_close(Attention(8)(x), x)
     z = torch.randn(2, 1, 28, 28, generator=gen)
     assert torch.equal(UNet()(z, torch.rand(2, generator=gen)), torch.zeros_like(z))
+
+
+def test_unet_defaults_groups_and_attention_by_hand():
+    """UNet()'s defaults are Diffusion()'s; GroupNorm takes 8 groups, or the most of 4, 2, 1
+    that divide the width; the attention is single-head softmax(q k^T / sqrt(C)) v over the
+    H * W positions, added to its input."""
+    assert sum(p.numel() for p in UNet().parameters()) == 1_062_497
+    assert [_groups(c) for c in (64, 32, 12, 6, 3)] == [8, 8, 4, 2, 1]
+    gen = torch.Generator().manual_seed(14)
+    attn = Attention(8).double()
+    with torch.no_grad():
+        attn.out.weight.normal_(generator=gen)
+    x = torch.randn(2, 8, 3, 5, generator=gen, dtype=torch.float64)
+    q, k, v = attn.qkv(attn.norm(x)).flatten(2).split(8, dim=1)  # (B, C, HW) each
+    weights = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(8), dim=-1)  # (B, HW, HW)
+    a = (v @ weights.transpose(1, 2)).view(2, 8, 3, 5)
+    torch.testing.assert_close(attn(x), x + attn.out(a))
