@@ -386,8 +386,11 @@ def test_denoiser_is_the_posterior_mean_and_steps_match_their_posteriors():
     torch.testing.assert_close(x_hat, mean.clamp(-1, 1))
     torch.testing.assert_close(alpha_t.view(-1, 1, 1, 1) * x_hat
                                + sigma_t.view(-1, 1, 1, 1) * eps_hat, z)
-    a_t, s_t = (v[0] for v in alpha_sigma(model.schedule.gamma(torch.tensor([t], dtype=torch.float64))))
-    a_s, s_s = (v[0] for v in alpha_sigma(model.schedule.gamma(torch.tensor([s], dtype=torch.float64))))
+    def alpha_sigma_at(time: float) -> tuple[torch.Tensor, torch.Tensor]:
+        gamma = model.schedule.gamma(torch.tensor([time], dtype=torch.float64))
+        return tuple(v[0] for v in alpha_sigma(gamma))
+    a_t, s_t = alpha_sigma_at(t)
+    a_s, s_s = alpha_sigma_at(s)
     a_ts, var_ts = a_t / a_s, s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
     post_mean = a_ts * s_s ** 2 / s_t ** 2 * z + a_s * var_ts / s_t ** 2 * x_hat
     post_std = (var_ts * s_s ** 2 / s_t ** 2).sqrt()
