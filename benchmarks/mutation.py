@@ -191,7 +191,7 @@ def _coverage(target: Path, tests: list[str], out: Path) -> int:
     sys.settrace(None)
     out.write_text(json.dumps({"code": int(code), "durations": durations,
                                "lines": {k: sorted(v) for k, v in lines.items()}}))
-    return 0
+    return int(code)  # a failing test would "kill" every mutant it covers
 
 
 def main() -> int:

@@ -124,7 +124,7 @@ def test_decoder_probabilities_sum_to_one_and_peak_at_the_pixel():
         manual = torch.log(p.gather(-1, values[..., None])).flatten(1).sum(1)
         torch.testing.assert_close(decoder_log_prob(z_0.double(), values, gamma_0), manual)
     # At gamma_min -13.3 the decoder's width is 1/3 of a bin: the noiseless z_0 gets ~99.7%.
-    alpha_0, _ = alpha_sigma(torch.tensor(-3.0))
+    alpha_0, _ = alpha_sigma(torch.tensor(-13.3))
     p = torch.softmax(decoder_logits(alpha_0 * x, -13.3), -1).gather(-1, values[..., None])
     assert (p > 0.99).all()
 
