@@ -104,6 +104,9 @@ class GANConfig(TrainConfig):
                            "(conv; H and W divisible by 4)", choices=("mlp", "conv"))
     hidden_dim: int | None = opt(None, "base channels of the conv arch (default 64; the mlp "
                                        "arch keeps the report's widths)", min=1, max=MAX_WIDTH)
+    d_hidden_dim: int | None = opt(None, "base channels of the conv discriminator alone "
+                                         "(default: --hidden-dim), as DCGAN's ndf",
+                                   min=1, max=MAX_WIDTH)
     loss: str = opt("ns", "adversarial loss: non-saturating from logits (ns), hinge (Miyato et "
                           "al., 2018) or WGAN-GP (wgan-gp; Gulrajani et al., 2017)",
                     choices=("ns", "hinge", "wgan-gp"))

@@ -264,6 +264,12 @@ def test_conv_arch_takes_the_data_shape():
         GAN(arch="conv", image_shape=(1, 30, 30))
     with pytest.raises(DgmError, match="mlp arch"):
         GAN(hidden_dim=8)
+    with pytest.raises(DgmError, match="--d-hidden-dim sets the conv arch's channels"):
+        GAN(d_hidden_dim=8)
+    # A discriminator as wide as it is set, the generator as before (DCGAN's ngf, ndf).
+    wide_d = GAN(arch="conv", hidden_dim=32, d_hidden_dim=64)
+    assert n_params(wide_d.discriminator) == 138_561
+    assert n_params(wide_d.generator) == n_params(GAN(arch="conv", hidden_dim=32).generator)
 
 
 def test_losses_equal_their_textbook_forms():

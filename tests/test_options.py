@@ -142,8 +142,8 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     ("flow", ["--dequantization", "variational", "--ema", "0.9"]),
     ("gan", ["--ema", "0.9"]),
     # The conv GAN with each loss and regulariser, averaged, through every command.
-    ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "hinge", "--spectral-norm",
-             "--ema", "0.9"]),
+    ("gan", ["--arch", "conv", "--hidden-dim", "8", "--d-hidden-dim", "12", "--loss", "hinge",
+             "--spectral-norm", "--ema", "0.9"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
              "--r1-weight", "1", "--d-steps", "2"]),
     ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddim
