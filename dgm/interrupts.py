@@ -20,8 +20,11 @@ def held() -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread
         return
     caught = []
+    # A signal the process was started to ignore (a background job of a script, nohup's
+    # kind) stays ignored: holding it would turn it into an interrupt.
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+                for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -184,10 +184,13 @@ def test_interrupt_at_any_moment_of_start_up_is_one_line(fake_data_dir, tmp_path
           "flush=True); sys.exit(main())")
     delays = [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.8, 2.6, 3.5]
     for i, delay in enumerate(delays):
+        # Ctrl-C's default disposition, whatever this process inherited (a test run started
+        # in the background of a script ignores SIGINT, and so would every child).
         proc = subprocess.Popen(
             [sys.executable, "-c", up, *vae(fake_data_dir, tmp_path / f"r{i}", "--epochs",
                                             "50")],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stderr.readline() == "up\n"
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -315,3 +318,19 @@ def test_a_full_disk_loses_nothing(fake_data_dir, small_disk, tmp_path, capsys):
     (small_disk / "filler").unlink()
     assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """Planted bug it catches: held() installing its catcher over SIG_IGN, which turned an
+    ignored Ctrl-C (a background job of a script) into an interrupt."""
+    from dgm import interrupts
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    except KeyboardInterrupt:
+        pytest.fail("an ignored SIGINT became an interrupt")
+    finally:
+        signal.signal(signal.SIGINT, before)
