@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from dgm.bench import _timed, matmul_rate, model_and_batch
-from dgm.config import from_dict
-from dgm.runs import read_yaml
+from dgm.bench import _timed, matmul_rate, model_and_batch, read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +43,7 @@ def main() -> None:
           "| graphs | graph breaks |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.recipes.split(","):
-        values = read_yaml(ROOT / "recipes" / f"{name}-fashion-mnist.yaml")
-        cfg = from_dict(values.pop("model"), values)
+        _, cfg = read_recipe(ROOT / "recipes" / f"{name}-fashion-mnist.yaml")
         _, step = training_step(name, cfg)
         eager_s = _timed(step, args.seconds)
         torch._dynamo.reset()

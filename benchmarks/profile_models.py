@@ -19,18 +19,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dgm.bench import model_and_batch
-from dgm.config import from_dict
-from dgm.runs import read_yaml
+from dgm.bench import model_and_batch, read_recipe
 
 DENSE = re.compile(r"aten::(mm|addmm|bmm|baddbmm|.*conv.*)$")
 
 
 def profile_recipe(path: Path, steps: int) -> dict:
-    values = read_yaml(path)
-    values.pop("format_version", None)
-    name = values.pop("model")
-    cfg = from_dict(name, values, source=str(path))
+    name, cfg = read_recipe(path)
     model, optimizers, x, gen = model_and_batch(name, cfg)
     for _ in range(3):  # warm-up: oneDNN primitive caches, Adam's state
         model.training_step(model.prepare(x, gen), optimizers)

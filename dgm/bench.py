@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from dgm.config import from_dict
+from dgm.config import TrainConfig, from_dict
 from dgm.data.splits import parse_split, slice_of
 from dgm.errors import DgmError
 from dgm.models import build_model
 from dgm.runs import read_yaml
 from dgm.train import autocast, cpu_has_native_bf16
 
-__all__ = ["bench", "matmul_rate", "model_and_batch", "recipe_files"]
+__all__ = ["bench", "matmul_rate", "model_and_batch", "read_recipe", "recipe_files"]
 
 # The built-in data sets' sizes and shape: what a recipe's splits count, without the data.
 SIZES = {"train": 60000, "test": 10000}
@@ -43,6 +43,16 @@ def recipe_files(given: list[str]) -> list[Path]:
             return found
     raise DgmError("no recipes/*.yaml here or beside dgm; give recipe files: dgm bench "
                    "FILE.yaml ...")
+
+
+def read_recipe(path: Path) -> tuple[str, TrainConfig]:
+    """A recipe file's model name and its config."""
+    values = read_yaml(path)
+    values.pop("format_version", None)
+    model_name = values.pop("model", None)
+    if not isinstance(model_name, str):
+        raise DgmError(f"{path} names no model (model: vae, gan, flow or diffusion)")
+    return model_name, from_dict(model_name, values, source=str(path))
 
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0,
@@ -127,12 +137,7 @@ def bench(files: list[Path], seconds: float = 2.0) -> dict:
                                                       seconds=min(1.0, seconds)) / 1e9
     measured = {}
     for path in files:
-        values = read_yaml(path)
-        values.pop("format_version", None)
-        model_name = values.pop("model", None)
-        if not isinstance(model_name, str):
-            raise DgmError(f"{path} names no model (model: vae, gan, flow or diffusion)")
-        cfg = from_dict(model_name, values, source=str(path))
+        model_name, cfg = read_recipe(path)
         if cfg.dataset not in ("mnist", "fashion-mnist"):
             raise DgmError(f"{path} trains on {cfg.dataset}; dgm bench predicts recipes on "
                            "the built-in data sets (mnist, fashion-mnist)")
