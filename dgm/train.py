@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -217,6 +218,17 @@ def _averaged(model, decay: float, ckpt: dict | None, path: Path) -> AveragedMod
     return averaged
 
 
+def _seed_rank_noise(cfg, ctx, epoch: int) -> None:
+    """Give each rank but the first its own stream of the model's noise (the VAE's eps, the
+    GAN's z, diffusion's t and eps) for this epoch: from the one seed every rank would draw
+    the same numbers for its different images, which is unbiased but noisier than one
+    process with the whole batch. The stream comes from (seed, rank, epoch), so a resume at
+    an epoch's checkpoint is exact; rank 0 keeps the checkpointed stream, a single process's."""
+    if ctx.rank:
+        seed = np.random.SeedSequence([cfg.seed, ctx.rank, epoch]).generate_state(1)[0]
+        torch.manual_seed(int(seed))
+
+
 def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, device, ctx, quiet,
           board, history, epoch, step, averaged=None):
     """Epoch 0's pictures, then train, validate, checkpoint and draw every epoch.
@@ -240,6 +252,7 @@ def _loop(model_name, model, optimizers, cfg, run, train_x, val_x, data_gen, dev
         while epoch < cfg.epochs and not stop:
             t0 = time.perf_counter()
             _set_learning_rate(optimizers, cfg, epoch)
+            _seed_rank_noise(cfg, ctx, epoch)
             stats, step = _train_epoch(model, optimizers, train_x, cfg, data_gen, device,
                                        epoch + 1, step, quiet, ctx, threads, averaged)
             # BatchNorm statistics are per rank (each saw its part of the batch): keep rank

@@ -16,6 +16,9 @@ whole batch ends, up to float rounding:
 - the flow's dequantisation noise needs nothing: the trainer prepares the whole batch on
   every rank from one generator and then slices it, and ActNorm is initialised from one
   batch that every rank draws alike.
+- the trainer gives each rank but the first its own noise stream every epoch
+  (dgm.train._seed_rank_noise); here that is switched off, so that all ranks keep the one
+  generator that the slicing above needs.
 - SGD replaces Adam, whose update hardly depends on the gradient's scale: with SGD a
   wrongly scaled average of the ranks' gradients shows.
 """
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 import dgm.models.flow
 import dgm.models.gan
 import dgm.models.vae
+import dgm.train
 from dgm.config import from_dict
 from dgm.models import MODELS
 from dgm.train import train
@@ -62,22 +66,26 @@ if exact == "1":
     torch.randn, torch.randn_like, F.dropout = sliced_randn, sliced_randn_like, sliced_dropout
     torch.nn.modules.batchnorm._BatchNorm.train = \
         lambda self, mode=True: torch.nn.Module.train(self, False)
+    dgm.train._seed_rank_noise = lambda cfg, ctx, epoch: None
     for module in (dgm.models.vae, dgm.models.gan, dgm.models.flow):
         module.adam = lambda params, lr, betas=None: torch.optim.SGD(params, lr=lr)
 
 # The images each training step saw: for the flow, whose loss has no noise, every rank
 # training on the whole batch would end where one process ends, and only this count shows it.
-seen = []
+# And the state of the generator that the model's noise comes from, at each step.
+seen, noise = [], []
 step = MODELS[model_name].training_step
 
 
 def counted_step(self, x, optimizers):
     seen.append(len(x))
+    noise.append(torch.get_rng_state())
     return step(self, x, optimizers)
 
 
 MODELS[model_name].training_step = counted_step
 cfg = from_dict(model_name, json.loads(options))
 model, _ = train(model_name, cfg, Path(run), quiet=True)
-torch.save({**model.state_dict(), "images_seen": torch.tensor(seen)},
+torch.save({**model.state_dict(), "images_seen": torch.tensor(seen),
+            "noise_states": torch.stack(noise)},
            Path(out) / f"rank{rank}.pt")

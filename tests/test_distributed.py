@@ -41,10 +41,10 @@ def options(fake_data_dir, **extra):
 
 @pytest.mark.parametrize("model", ["vae", "gan", "gan-conv", "flow", "diffusion"])
 def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model):
-    """Ranks end identical with no parameter copied after the start. Planted bug it
-    catches: the gradient average removed. (Context.broadcast_buffers doing nothing is not
-    caught: the built-in models' buffers agree across ranks anyway, the GAN's BatchNorm
-    seeing only z, which every rank draws alike from the same seed.)"""
+    """Ranks end identical with no parameter copied after the start, each having drawn its
+    own noise. Planted bugs it catches: the gradient average removed; Context.
+    broadcast_buffers doing nothing (the GAN's BatchNorm statistics differ by rank, each
+    rank drawing its own z); every rank drawing the same noise (_seed_rank_noise a no-op)."""
     run = tmp_path / "run"
     extra = {"vae": {"hidden_dim": 32}, "gan": {},
              # Double backward (the penalties), spectral norm's power iteration, the average.
@@ -54,6 +54,8 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
              "diffusion": {"channels": 8, "channel_mults": [1, 2], "sample_steps": 2}}[model]
     model = model.removesuffix("-conv")
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
+    noise = [s.pop("noise_states") for s in states]
+    assert all(not torch.equal(a, b) for a, b in zip(*noise))  # at every step
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)
     # rank 0 alone wrote the run: one row per epoch, not one per rank
@@ -87,6 +89,8 @@ def test_two_half_batches_equal_one_full_batch(fake_data_dir, tmp_path, model):
     # 128 images in batches of 32, 2 epochs: 8 steps of 32 images alone, of 16 on each rank
     assert one.pop("images_seen").tolist() == [32] * 8
     assert [s.pop("images_seen").tolist() for s in two] == [[16] * 8] * 2
+    for s in (one, *two):
+        s.pop("noise_states")
     for k in one:
         torch.testing.assert_close(two[0][k], two[1][k], rtol=0, atol=0)
         torch.testing.assert_close(one[k], two[0][k], rtol=1e-4, atol=1e-5)
@@ -141,3 +145,26 @@ def test_evaluation_spread_over_two_processes(fake_data_dir, tmp_path):
                             ("iwae", one["iwae"]["mc_stderr_nats"] / n**0.5)):
                 gap = abs(two[key]["log_px_nats"] - one[key]["log_px_nats"])
                 assert gap < 3 * 2**0.5 * mc, (key, gap, mc)
+
+
+def test_each_rank_noise_stream_is_its_own_and_reproducible():
+    """Ranks > 0 reseed from (seed, rank, epoch) at each epoch, so a resume at an epoch's
+    checkpoint draws what the uninterrupted run drew; rank 0 keeps its stream."""
+    from types import SimpleNamespace
+
+    from dgm.distributed import Context
+    from dgm.train import _seed_rank_noise
+
+    cfg = SimpleNamespace(seed=5)
+
+    def first_draw(rank, epoch):
+        torch.manual_seed(0)
+        _seed_rank_noise(cfg, Context(rank, 4), epoch)
+        return torch.randn(3)
+
+    assert torch.equal(first_draw(1, 3), first_draw(1, 3))
+    draws = [first_draw(r, e) for r in range(4) for e in range(3)]
+    assert len({tuple(d.tolist()) for d in draws}) == len(draws) - 2  # rank 0: one stream
+    torch.manual_seed(0)
+    untouched = torch.randn(3)
+    assert torch.equal(first_draw(0, 7), untouched)
