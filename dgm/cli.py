@@ -330,7 +330,7 @@ def cmd_sample(args) -> int:
     if not 1 <= args.n <= (4096 if args.out else 100000):
         raise DgmError(f"-n must lie in 1..{4096 if args.out else 100000}"
                        + (" for a grid (--out)" if args.out else ""))
-    out = _png(args.out) if args.out else None
+    out = _out(args.out, ".png") if args.out else None
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
@@ -368,12 +368,13 @@ def cmd_manifold(args) -> int:
 
     if not 2 <= args.size <= 100:
         raise DgmError("--size must lie in 2..100")
+    out = _out(args.out, ".png")
     with open_run(args.run) as run:
         name, cfg, model, _ = load_model(run, args.checkpoint, args.device)
     if getattr(model, "latent_dim", None) != 2 or not hasattr(model, "manifold"):
         raise DgmError(f"{args.run} is not a VAE with latent_dim 2; train one with "
                        "dgm train vae --latent-dim 2")
-    print(save_grid(model.manifold(args.size), _png(args.out), nrow=args.size, scale=1))
+    print(save_grid(model.manifold(args.size), out, nrow=args.size, scale=1))
     return 0
 
 
@@ -411,8 +412,8 @@ def cmd_report(args) -> int:
     from dgm.report import write_report
     from dgm.zoo import is_packed, open_run
 
-    if args.out is not None and not args.out.lower().endswith(".html"):
-        raise DgmError(f"--out {args.out} must end in .html")
+    if args.out is not None:
+        _out(args.out, ".html")
     packed = [r for r in args.runs if is_packed(r)]
     if packed and args.out is None:
         raise DgmError(f"{packed[0]} is a packed run, not a run folder; give --out FILE.html")
@@ -472,7 +473,7 @@ def cmd_interpolate(args) -> int:
 
     if not (1 <= args.rows <= 64 and 2 <= args.steps <= 64):
         raise DgmError("--rows must lie in 1..64 and --steps in 2..64")
-    out = _png(args.out)
+    out = _out(args.out, ".png")
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
     shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
@@ -491,9 +492,16 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
-def _png(path: str) -> Path:
-    if not path.lower().endswith(".png"):
-        raise DgmError(f"--out {path} must end in .png")
+def _out(path: str, suffix: str) -> Path:
+    """An --out file: the right suffix, and nothing there but a picture or page that dgm
+    wrote before (it says so in the file), so a file of yours is never replaced."""
+    from dgm.runs import dgm_wrote
+
+    if not path.lower().endswith(suffix):
+        raise DgmError(f"--out {path} must end in {suffix}")
+    if Path(path).exists() and not dgm_wrote(Path(path)):
+        raise DgmError(f"--out {path} exists and dgm did not write it; dgm does not replace "
+                       "your files: choose another name or delete it")
     return Path(path)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgm.runs import atomic_write
+from dgm.runs import PNG_MARK, atomic_write
 
 __all__ = ["epoch_pictures", "image_grid", "plot_compare", "plot_curves", "save_grid"]
 
@@ -31,6 +31,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
               scale: int = 2) -> Path:
     """Save images as a PNG grid, each pixel drawn as a scale x scale block."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     array = image_grid(images, nrow)
     img = Image.fromarray(array)
@@ -39,7 +40,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
+    img.save(buf, format="PNG", pnginfo=info)
     _write_atomic(path, buf.getvalue())
     return path
 
@@ -109,7 +112,7 @@ def _style(ax, title: str) -> None:
 def _png_bytes(fig, dpi: int) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, metadata=dict([PNG_MARK]))
     pyplot().close(fig)
     return buf.getvalue()
 

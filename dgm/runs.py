@@ -54,6 +54,23 @@ def _free_space(folder: Path) -> str:
         free /= 1024
 
 
+# What dgm writes at an --out path says so near its start (a PNG text chunk, an HTML meta
+# tag), so that dgm replaces its own pictures and pages there and never a file of yours.
+PNG_MARK = ("Software", "dgm")
+HTML_MARK = '<meta name="generator" content="dgm">'
+
+
+def dgm_wrote(path: Path) -> bool:
+    """Whether the file at ``path`` is a picture or page that dgm wrote."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    png = b"tEXt" + PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode()
+    return png in head or HTML_MARK.encode() in head
+
+
 def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
     """Write a file through ``write(f)`` so readers see the old or new file, never half.
 

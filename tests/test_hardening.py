@@ -233,6 +233,35 @@ def test_out_is_never_a_foreign_folder(fake_data_dir, tmp_path, capsys):
     assert main(vae(fake_data_dir, empty, "--epochs", "1")) == 0
 
 
+@pytest.mark.parametrize("command", ["sample", "interpolate", "manifold", "report"])
+def test_out_replaces_only_what_dgm_wrote(run, tmp_path, capsys, command):
+    """--out at a file of yours (a PNG or page that another program wrote) is refused and
+    the file kept; a file that dgm wrote there is replaced. Planted bug it catches: --out
+    not checked (every file replaced, as before)."""
+    from PIL import Image
+
+    from dgm.runs import dgm_wrote
+
+    suffix = ".html" if command == "report" else ".png"
+    theirs = tmp_path / f"theirs{suffix}"
+    if suffix == ".png":
+        Image.new("L", (8, 8)).save(theirs)
+    else:
+        theirs.write_text('<!doctype html><html><head><meta name="generator" content="x">')
+    before = theirs.read_bytes()
+    one_line_error(capsys, 1, [command, str(run), "--out", str(theirs)], "dgm did not write it")
+    assert theirs.read_bytes() == before
+    if command == "manifold":
+        return  # this run's latent is not 2-d; the refusal came first all the same
+    ours = tmp_path / f"ours{suffix}"
+    assert main([command, str(run), "--out", str(ours)]) == 0
+    first = ours.stat().st_ino
+    assert main([command, str(run), "--out", str(ours)]) == 0  # over dgm's own file
+    assert dgm_wrote(ours) and ours.stat().st_ino != first
+    # the run's own pictures carry the mark too (PIL's and matplotlib's writers)
+    assert dgm_wrote(run / "curves.png") and dgm_wrote(next((run / "samples").iterdir()))
+
+
 def test_stale_temps_are_only_dgms(run, capsys):
     (run / "samples" / ".epoch_001.png.ab12cd34.tmp").write_text("dgm's, from a kill")
     (run / "extra").mkdir()
