@@ -55,7 +55,7 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
     model = model.removesuffix("-conv")
     states = launch(2, model, run, tmp_path / "out", options(fake_data_dir, **extra))
     noise = [s.pop("noise_states") for s in states]
-    assert all(not torch.equal(a, b) for a, b in zip(*noise))  # at every step
+    assert all(not torch.equal(a, b) for a, b in zip(*noise, strict=True))  # every step
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0)
     # rank 0 alone wrote the run: one row per epoch, not one per rank
