@@ -330,7 +330,7 @@ def cmd_sample(args) -> int:
     if not 1 <= args.n <= (4096 if args.out else 100000):
         raise DgmError(f"-n must lie in 1..{4096 if args.out else 100000}"
                        + (" for a grid (--out)" if args.out else ""))
-    out = _out(args.out, ".png") if args.out else None
+    out = _new_file(args.out, ".png", own=True) if args.out else None
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
@@ -351,13 +351,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _new_file(path: str, suffix: str, flag: str) -> Path:
-    """A file that dgm may create: the right suffix, and nothing of yours there already."""
+def _new_file(path: str, suffix: str, flag: str = "--out", own: bool = False) -> Path:
+    """A file that dgm may create: the right suffix, and nothing of yours there already.
+    With ``own``, a picture or page that dgm wrote there before (it says so in the file)
+    may be replaced, so that re-running a command replaces its own output."""
+    from dgm.runs import dgm_wrote
+
     if not path.lower().endswith(suffix):
         raise DgmError(f"{flag} {path} must end in {suffix}")
-    if Path(path).exists():
-        raise DgmError(f"{flag} {path} exists already; dgm does not overwrite it: choose "
-                       "another name or delete it")
+    if Path(path).exists() and not (own and dgm_wrote(Path(path))):
+        mine = " and dgm did not write it" if own else ""
+        raise DgmError(f"{flag} {path} exists already{mine}; dgm does not replace your "
+                       "files: choose another name or delete it")
     return Path(path)
 
 
@@ -368,7 +373,7 @@ def cmd_manifold(args) -> int:
 
     if not 2 <= args.size <= 100:
         raise DgmError("--size must lie in 2..100")
-    out = _out(args.out, ".png")
+    out = _new_file(args.out, ".png", own=True)
     with open_run(args.run) as run:
         name, cfg, model, _ = load_model(run, args.checkpoint, args.device)
     if getattr(model, "latent_dim", None) != 2 or not hasattr(model, "manifold"):
@@ -413,7 +418,7 @@ def cmd_report(args) -> int:
     from dgm.zoo import is_packed, open_run
 
     if args.out is not None:
-        _out(args.out, ".html")
+        _new_file(args.out, ".html", own=True)
     packed = [r for r in args.runs if is_packed(r)]
     if packed and args.out is None:
         raise DgmError(f"{packed[0]} is a packed run, not a run folder; give --out FILE.html")
@@ -473,7 +478,7 @@ def cmd_interpolate(args) -> int:
 
     if not (1 <= args.rows <= 64 and 2 <= args.steps <= 64):
         raise DgmError("--rows must lie in 1..64 and --steps in 2..64")
-    out = _out(args.out, ".png")
+    out = _new_file(args.out, ".png", own=True)
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
     shape = getattr(model, "latent_shape", None) or (getattr(model, "latent_dim", None),)
@@ -490,19 +495,6 @@ def cmd_interpolate(args) -> int:
         images = torch.cat([model.generate(c) for c in z.split(512)])
     print(save_grid(images, out, nrow=args.steps))
     return 0
-
-
-def _out(path: str, suffix: str) -> Path:
-    """An --out file: the right suffix, and nothing there but a picture or page that dgm
-    wrote before (it says so in the file), so a file of yours is never replaced."""
-    from dgm.runs import dgm_wrote
-
-    if not path.lower().endswith(suffix):
-        raise DgmError(f"--out {path} must end in {suffix}")
-    if Path(path).exists() and not dgm_wrote(Path(path)):
-        raise DgmError(f"--out {path} exists and dgm did not write it; dgm does not replace "
-                       "your files: choose another name or delete it")
-    return Path(path)
 
 
 def _own_model(argv: list[str]) -> tuple[str | None, list[str]]:
