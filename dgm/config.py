@@ -94,7 +94,10 @@ class GANConfig(TrainConfig):
     epochs: int = opt(200, "number of epochs", min=0)
     # BatchNorm in the generator needs two images per batch (and per process).
     batch_size: int = opt(64, "images per optimisation step", min=2, max=1 << 16)
-    lr: float = opt(5e-4, "Adam learning rate of both networks", min=0.0)
+    lr: float = opt(5e-4, "Adam learning rate of the generator, and of the discriminator "
+                          "unless --d-lr", min=0.0)
+    d_lr: float | None = opt(None, "Adam learning rate of the discriminator alone (default: "
+                                   "--lr; a larger one is TTUR, Heusel et al., 2017)", min=0.0)
     # The report gives no betas. beta1 0.5 (Radford et al., 2016) keeps this GAN training;
     # with Adam's default 0.9 the discriminator wins within one epoch (D(G(z)) -> 1e-4).
     beta1: float = opt(0.5, "Adam beta1 (0.5 as in DCGAN; 0.9 lets D win at once)",

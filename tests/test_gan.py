@@ -130,6 +130,17 @@ def test_one_training_step_changes_both_networks():
     assert 0 <= val["val_d_acc"] <= 1
 
 
+def test_d_lr_sets_the_discriminators_learning_rate_alone():
+    gan = GAN(arch="conv", hidden_dim=8)
+    lrs = {k: o.param_groups[0]["lr"] for k, o in gan.configure_optimizers(GANConfig()).items()}
+    assert lrs == {"generator": 5e-4, "discriminator": 5e-4}
+    opts = gan.configure_optimizers(GANConfig(lr=1e-4, d_lr=4e-4))
+    assert {k: o.param_groups[0]["lr"] for k, o in opts.items()} == {"generator": 1e-4,
+                                                                      "discriminator": 4e-4}
+    d_params = {id(p) for p in gan.discriminator.parameters()}
+    assert {id(p) for p in opts["discriminator"].param_groups[0]["params"]} == d_params
+
+
 def test_tiny_gan_lowers_frechet_score(real_data_dir):
     x, y = load_split("mnist", "test[:2000]", real_data_dir)
     net, _ = shipped_feature_net("mnist")

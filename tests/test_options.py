@@ -145,7 +145,7 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--d-hidden-dim", "12", "--loss", "hinge",
              "--spectral-norm", "--ema", "0.9"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
-             "--r1-weight", "1", "--d-steps", "2"]),
+             "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3"]),
     ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddim
     ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
                    "--sampler", "ddpm", "--ema", "0", "--num-res-blocks", "2"]),

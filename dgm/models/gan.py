@@ -259,7 +259,8 @@ class GAN(nn.Module):
     def configure_optimizers(self, cfg) -> dict[str, torch.optim.Optimizer]:
         betas = (cfg.beta1, cfg.beta2)
         return {"generator": adam(self.generator.parameters(), cfg.lr, betas),
-                "discriminator": adam(self.discriminator.parameters(), cfg.lr, betas)}
+                "discriminator": adam(self.discriminator.parameters(),
+                                      cfg.lr if cfg.d_lr is None else cfg.d_lr, betas)}
 
     def _discriminator_step(self, x: torch.Tensor, opt_d) -> dict[str, torch.Tensor]:
         """One update of D on real images x (B, C, H, W) and as many fresh fakes."""
