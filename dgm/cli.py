@@ -116,6 +116,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, metavar="N",
                    help="diffusion: denoising steps of the scored samples (default: the run's "
                         "--sample-steps)")
+    p.add_argument("--sample-rho", type=float, metavar="RHO",
+                   help="diffusion: spacing of those steps, 0 = equal steps of t, RHO > 0 = "
+                        "Karras et al.'s (default: the run's --sample-rho)")
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -136,6 +139,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
                         "for dgm score; a new file")
     p.add_argument("--sample-steps", type=int, metavar="N",
                    help="diffusion: denoising steps (default: the run's --sample-steps)")
+    p.add_argument("--sample-rho", type=float, metavar="RHO",
+                   help="diffusion: spacing of the steps, 0 = equal steps of t, RHO > 0 = "
+                        "Karras et al.'s (default: the run's --sample-rho)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -290,7 +296,7 @@ def cmd_evaluate(args) -> int:
                                quiet=args.quiet or args.json, sample_quality=args.sample_quality,
                                naive=args.naive, dequant_samples=args.dequant_samples,
                                time_samples=args.time_samples, num_samples=args.num_samples,
-                               sample_steps=args.sample_steps)
+                               sample_steps=args.sample_steps, sample_rho=args.sample_rho)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -318,7 +324,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from dgm.evaluate import load_model, set_sample_steps
+    from dgm.evaluate import load_model, set_sampling
     from dgm.plots import save_grid
     from dgm.quality import draw_samples
     from dgm.runs import atomic_write
@@ -334,7 +340,7 @@ def cmd_sample(args) -> int:
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
-    set_sample_steps(model, name, args.sample_steps, args.run)
+    set_sampling(model, name, args.run, args.sample_steps, args.sample_rho)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:

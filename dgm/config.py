@@ -178,6 +178,10 @@ class DiffusionConfig(TrainConfig):
                                "ancestral (ddpm) or deterministic DDIM (ddim)",
                        choices=("ddpm", "ddim"))
     sample_steps: int = opt(25, "denoising steps per sample", min=1, max=10000)
+    sample_rho: float = opt(0.0, "where the sampler's steps fall: 0 = equal steps of t; RHO > "
+                                 "0 = sigma spaced as Karras et al. (2022) with that rho, more "
+                                 "steps at high noise the smaller it is (3 scored best here)",
+                            min=0.0, max=100.0)
     compile: bool = opt(False, "torch.compile the networks (a few minutes up front on a CPU, "
                                "then about 1.2x faster; BENCHMARKS.md)")
     lr: float = opt(5e-4, "Adam learning rate", min=0.0)

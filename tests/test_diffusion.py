@@ -281,6 +281,47 @@ def test_to_values_inverts_to_unit_range_within_each_bin():
     assert torch.equal(to_values(torch.tensor([-1.5, 1.5])), torch.tensor([0, 255]))
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_time_of_inverts_the_schedule(kind):
+    s = NoiseSchedule(kind)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    back = torch.tensor([s.time_of(g) for g in s.gamma(t).tolist()], dtype=torch.float64)
+    assert torch.allclose(back, t, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_time_grids_fall_from_one_to_zero_as_documented(kind):
+    model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), schedule=kind)
+    assert model.time_grid(4) == [1.0, 0.75, 0.5, 0.25, 0.0]  # rho 0: equal steps of t
+    for rho in (1.0, 3.0, 7.0):
+        model.sample_rho = rho
+        grid = model.time_grid(10)
+        assert len(grid) == 11 and grid[0] == 1.0 and grid[-1] == 0.0
+        assert all(a > b for a, b in zip(grid[:-1], grid[1:], strict=True))
+        # Karras et al.'s eq. 5: (sigma / alpha)^(1 / rho) = exp(gamma / (2 rho)) in equal steps.
+        root = (model.schedule.gamma(torch.tensor(grid, dtype=torch.float64)) / (2 * rho)).exp()
+        assert torch.allclose(root.diff(), root.diff()[:1].expand(10), rtol=1e-6)
+    # The smaller rho, the later (in t from 1) the steps leave the high noise levels.
+    model.sample_rho = 3.0
+    mid_3 = model.time_grid(10)[5]
+    model.sample_rho = 7.0
+    assert mid_3 > model.time_grid(10)[5]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_the_samplers_step_through_the_time_grid(sampler, monkeypatch):
+    model = tiny_model(sample_steps=5, sample_rho=3.0, sampler=sampler)
+    seen = []
+    step = "ddim_step" if sampler == "ddim" else "ancestral_step"
+    original = getattr(model, step)
+    monkeypatch.setattr(model, step,
+                        lambda z, t, s, *a: seen.append((t, s)) or original(z, t, s, *a))
+    model.sample(2, generator=torch.Generator().manual_seed(0))
+    grid = model.time_grid(5)
+    assert seen == list(zip(grid[:-1], grid[1:], strict=True))
+    assert grid != [i / 5 for i in range(5, -1, -1)]
+
+
 def test_the_documented_defaults():
     """VDM's fixed schedule (-13.3 to 5), the README's U-Net (32 channels, multipliers
     1, 2, 2, one block a level: 1,062,497 parameters), DDIM in 25 steps, 28x28 grey
@@ -290,8 +331,8 @@ def test_the_documented_defaults():
         assert m.image_shape == (1, 28, 28)
         assert (m.schedule.kind, m.schedule.gamma_min, m.schedule.gamma_max) == \
             ("linear", -13.3, 5.0)
-        assert (m.sampler, m.sample_steps, m.loss, m.parameterization) == \
-            ("ddim", 25, "elbo", "eps")
+        assert (m.sampler, m.sample_steps, m.sample_rho, m.loss, m.parameterization) == \
+            ("ddim", 25, 0.0, "elbo", "eps")
         assert sum(p.numel() for p in m.parameters()) == 1_062_497
     assert [p.shape for p in direct.parameters()] == [p.shape for p in from_cfg.parameters()]
     s = NoiseSchedule()

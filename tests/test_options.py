@@ -148,7 +148,8 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
              "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3"]),
     ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddim
     ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
-                   "--sampler", "ddpm", "--ema", "0", "--num-res-blocks", "2"]),
+                   "--sampler", "ddpm", "--ema", "0", "--num-res-blocks", "2",
+                   "--sample-rho", "3"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
@@ -165,6 +166,9 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
         if model == "diffusion":
             pictures.append(tmp_path / f"s3-{checkpoint}.png")
             assert_ok(capsys, ["sample", str(run), "-n", "4", "--sample-steps", "3", "--out",
+                               str(pictures[-1]), *common])
+            pictures.append(tmp_path / f"s-rho-{checkpoint}.png")
+            assert_ok(capsys, ["sample", str(run), "-n", "4", "--sample-rho", "3", "--out",
                                str(pictures[-1]), *common])
         if model == "vae":
             pictures.append(tmp_path / f"m-{checkpoint}.png")
@@ -184,11 +188,16 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     if model == "diffusion":  # its samples' scores at another number of steps, kept apart
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-steps", "2"])
-        assert any("sample steps=2)" in key
-                   for key in json.loads((run / "evaluation.json").read_text()))
+        assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
+                           "--num-samples", "100", "--sample-rho", "3"])
+        keys = json.loads((run / "evaluation.json").read_text())
+        assert any("sample steps=2)" in key for key in keys)
+        assert any("sample rho=3)" in key for key in keys)
+        assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
+                                 "--sample-rho", "-1"], "--sample-rho must lie in 0..100")
     else:
-        assert_one_line(capsys, ["evaluate", str(run), "--sample-steps", "2"],
-                        "for diffusion runs")
+        for flag in ("--sample-steps", "--sample-rho"):
+            assert_one_line(capsys, ["evaluate", str(run), flag, "2"], "for diffusion runs")
     for command in ("sample", "interpolate", "manifold", "evaluate"):
         if command == "manifold" and model != "vae":
             continue

@@ -80,6 +80,12 @@ class NoiseSchedule:
         # d/dv 2 log tan v = 2 / (sin v cos v) = 4 / sin 2v, times dv/dt.
         return 2 * math.pi * (self.u1 - self.u0) / torch.sin(2 * v)
 
+    def time_of(self, gamma: float) -> float:
+        """The t in [0, 1] at which gamma(t) = ``gamma`` (the inverse of :meth:`gamma`)."""
+        if self.kind == "linear":
+            return (gamma - self.gamma_min) / (self.gamma_max - self.gamma_min)
+        return (2 / math.pi * math.atan(math.exp(gamma / 2)) - self.u0) / (self.u1 - self.u0)
+
 
 def alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma)): variance preserving."""
@@ -159,6 +165,8 @@ class Diffusion(nn.Module):
         schedule, gamma_min, gamma_max: the noise schedule (:class:`NoiseSchedule`).
         sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta = 0), with
             ``sample_steps`` steps, for :meth:`sample`; :meth:`generate` is always DDIM.
+        sample_rho: where the samplers' steps fall (:meth:`time_grid`): 0, equal steps of t;
+            rho > 0, the spacing of Karras et al. (2022).
 
     Example:
         >>> model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), sample_steps=3)
@@ -175,7 +183,7 @@ class Diffusion(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  dropout: float = 0.0, loss: str = "elbo", parameterization: str = "eps",
                  schedule: str = "linear", gamma_min: float = -13.3, gamma_max: float = 5.0,
-                 sampler: str = "ddim", sample_steps: int = 25):
+                 sampler: str = "ddim", sample_steps: int = 25, sample_rho: float = 0.0):
         super().__init__()
         for what, value, allowed in (("loss", loss, ("elbo", "simple")),
                                      ("parameterization", parameterization, ("eps", "v")),
@@ -186,7 +194,7 @@ class Diffusion(nn.Module):
         self.latent_shape = self.image_shape  # generate(z) maps noise images z_1 to images
         self.num_dims = math.prod(self.image_shape)
         self.loss, self.parameterization = loss, parameterization
-        self.sampler, self.sample_steps = sampler, sample_steps
+        self.sampler, self.sample_steps, self.sample_rho = sampler, sample_steps, sample_rho
         self.schedule = NoiseSchedule(schedule, gamma_min, gamma_max)
         self.net = UNet(self.image_shape[0], channels, tuple(channel_mults), num_res_blocks,
                         dropout)
@@ -212,7 +220,7 @@ class Diffusion(nn.Module):
                            f"{cfg.gamma_max}")
         return cls(image_shape, cfg.channels, tuple(cfg.channel_mults), cfg.num_res_blocks,
                    cfg.dropout, cfg.loss, cfg.parameterization, cfg.schedule, cfg.gamma_min,
-                   cfg.gamma_max, cfg.sampler, cfg.sample_steps)
+                   cfg.gamma_max, cfg.sampler, cfg.sample_steps, cfg.sample_rho)
 
     # The process.
 
@@ -313,17 +321,36 @@ class Diffusion(nn.Module):
                                           dtype=z_t.dtype)
         return z_s
 
+    def time_grid(self, steps: int) -> list[float]:
+        """The samplers' ``steps`` + 1 times, from 1 down to 0.
+
+        ``sample_rho`` 0: equal steps of t. rho > 0: sigma / alpha = exp(gamma / 2) spaced as
+        Karras et al. (2022, eq. 5) space their sigmas, equal steps of its 1/rho-th power
+        between the schedule's ends; the smaller rho, the more steps at high noise, where the
+        samples' shapes form (BENCHMARKS.md, "Diffusion": rho 3 at 25 steps scored about as
+        equal steps of t at 50).
+        """
+        if not self.sample_rho:
+            return [i / steps for i in range(steps, -1, -1)]
+        rho, sched = self.sample_rho, self.schedule
+        hi, lo = (math.exp(g / (2 * rho)) for g in (sched.gamma_max, sched.gamma_min))
+        grid = [sched.time_of(2 * rho * math.log(hi + i / steps * (lo - hi)))
+                for i in range(steps + 1)]
+        grid[0], grid[-1] = 1.0, 0.0  # exactly the ends, whatever the rounding
+        return grid
+
     @torch.no_grad()
     def reverse(self, z_1: torch.Tensor, steps: int, sampler: str = "ddim", eta: float = 0.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_1 (B, C, H, W) -> images in [0, 1] through ``steps`` equal steps of t from 1 to 0.
+        """z_1 (B, C, H, W) -> images in [0, 1] through ``steps`` steps of t from 1 to 0
+        (:meth:`time_grid`).
 
         The last z_0 is rescaled, z_0 / alpha_0: within sigma_0 / alpha_0 = exp(gamma_min / 2)
         (1e-3 at -13.3) of the decoder's mode, well inside an 8-bit bin.
         """
         z = z_1
-        for i in range(steps, 0, -1):
-            t, s = i / steps, (i - 1) / steps
+        grid = self.time_grid(steps)
+        for t, s in zip(grid[:-1], grid[1:], strict=True):
             if sampler == "ddpm":
                 z = self.ancestral_step(z, t, s, generator)
             else:
