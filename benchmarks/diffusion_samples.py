@@ -3,11 +3,12 @@ weights against the averaged ones, and other time grids for the sampler, written
 that `dgm score` reads. One thread; pin it to a core:
 
     taskset -c 0 python benchmarks/diffusion_samples.py RUN OUT.npz [--weights raw]
-        [--grid uniform|edm7|edm3|...] [--sampler ddim|ddpm] [--steps 25] [-n 1000]
+        [--grid uniform|cosine|edm7|edm3|...] [--sampler ddim|ddpm] [--steps 25] [-n 1000]
     dgm score OUT.npz --dataset fashion-mnist --json
 
 --grid uniform is dgm's (equal steps of t); edmRHO spaces sigma / alpha = exp(gamma / 2) as
-Karras et al. (2022, eq. 5) do, with rho = RHO, between the schedule's two ends. With
+Karras et al. (2022, eq. 5) do, with rho = RHO, and cosine takes equal steps of the cosine
+schedule's time (Nichol & Dhariwal, 2021), each between the schedule's two ends. With
 --weights averaged --grid uniform --sampler ddim and the seed, the images are exactly
 `dgm sample RUN --checkpoint last -n N --seed 1234`'s.
 """
@@ -26,11 +27,16 @@ def time_grid(model: Diffusion, kind: str, steps: int) -> np.ndarray:
     """steps + 1 times from 1 down to 0."""
     if kind == "uniform":
         return np.linspace(1, 0, steps + 1)
-    if not kind.startswith("edm") or model.schedule.kind != "linear":
-        raise SystemExit(f"--grid {kind}: uniform, or edmRHO on the linear schedule")
-    rho, gmin, gmax = float(kind[3:]), model.schedule.gamma_min, model.schedule.gamma_max
-    hi, lo = np.exp(gmax / 2) ** (1 / rho), np.exp(gmin / 2) ** (1 / rho)
-    gamma = 2 * rho * np.log(hi + np.linspace(0, 1, steps + 1) * (lo - hi))
+    if not kind.startswith(("edm", "cosine")) or model.schedule.kind != "linear":
+        raise SystemExit(f"--grid {kind}: uniform, or edmRHO or cosine on the linear schedule")
+    gmin, gmax = model.schedule.gamma_min, model.schedule.gamma_max
+    if kind == "cosine":  # equal steps of the cosine schedule's time between the same ends
+        lo, hi = (2 / np.pi * np.arctan(np.exp(g / 2)) for g in (gmin, gmax))
+        gamma = 2 * np.log(np.tan(np.pi / 2 * np.linspace(hi, lo, steps + 1)))
+    else:
+        rho = float(kind[3:])
+        hi, lo = np.exp(gmax / 2) ** (1 / rho), np.exp(gmin / 2) ** (1 / rho)
+        gamma = 2 * rho * np.log(hi + np.linspace(0, 1, steps + 1) * (lo - hi))
     t = (gamma - gmin) / (gmax - gmin)  # the linear schedule's inverse
     t[0], t[-1] = 1.0, 0.0
     return t
