@@ -119,6 +119,8 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sample-rho", type=float, metavar="RHO",
                    help="diffusion: spacing of those steps, 0 = equal steps of t, RHO > 0 = "
                         "Karras et al.'s (default: the run's --sample-rho)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"),
+                   help="diffusion: the sampler of those samples (default: the run's)")
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -142,6 +144,8 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sample-rho", type=float, metavar="RHO",
                    help="diffusion: spacing of the steps, 0 = equal steps of t, RHO > 0 = "
                         "Karras et al.'s (default: the run's --sample-rho)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"),
+                   help="diffusion: DDIM or ancestral sampling (default: the run's)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -296,7 +300,8 @@ def cmd_evaluate(args) -> int:
                                quiet=args.quiet or args.json, sample_quality=args.sample_quality,
                                naive=args.naive, dequant_samples=args.dequant_samples,
                                time_samples=args.time_samples, num_samples=args.num_samples,
-                               sample_steps=args.sample_steps, sample_rho=args.sample_rho)
+                               sample_steps=args.sample_steps, sample_rho=args.sample_rho,
+                               sampler=args.sampler)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -340,7 +345,7 @@ def cmd_sample(args) -> int:
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
-    set_sampling(model, name, args.run, args.sample_steps, args.sample_rho)
+    set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:

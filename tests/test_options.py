@@ -170,6 +170,10 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
             pictures.append(tmp_path / f"s-rho-{checkpoint}.png")
             assert_ok(capsys, ["sample", str(run), "-n", "4", "--sample-rho", "3", "--out",
                                str(pictures[-1]), *common])
+            for sampler in ("ddim", "ddpm"):
+                pictures.append(tmp_path / f"s-{sampler}-{checkpoint}.png")
+                assert_ok(capsys, ["sample", str(run), "-n", "4", "--sampler", sampler,
+                                   "--out", str(pictures[-1]), *common])
         if model == "vae":
             pictures.append(tmp_path / f"m-{checkpoint}.png")
             assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
@@ -189,15 +193,16 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-steps", "2"])
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
-                           "--num-samples", "100", "--sample-rho", "3"])
+                           "--num-samples", "100", "--sample-rho", "3", "--sampler", "ddpm"])
         keys = json.loads((run / "evaluation.json").read_text())
         assert any("sample steps=2)" in key for key in keys)
-        assert any("sample rho=3)" in key for key in keys)
+        assert any("sample rho=3, sampler=ddpm)" in key for key in keys)
         assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
                                  "--sample-rho", "-1"], "--sample-rho must lie in 0..100")
     else:
-        for flag in ("--sample-steps", "--sample-rho"):
-            assert_one_line(capsys, ["evaluate", str(run), flag, "2"], "for diffusion runs")
+        for flag, value in (("--sample-steps", "2"), ("--sample-rho", "2"),
+                            ("--sampler", "ddpm")):
+            assert_one_line(capsys, ["evaluate", str(run), flag, value], "for diffusion runs")
     for command in ("sample", "interpolate", "manifold", "evaluate"):
         if command == "manifold" and model != "vae":
             continue
