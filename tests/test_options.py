@@ -49,6 +49,8 @@ COMMAND_CHOICES = {
     ("data", "action"): {"list", "check"},
     ("score", "--device"): {"auto", "cpu", "cuda"},
     ("export", "--checkpoint"): {"best", "last"},
+    ("sample", "--sampler"): {"ddim", "ddpm"},
+    ("evaluate", "--sampler"): {"ddim", "ddpm"},  # each diffusion run below scores the other
 }
 
 
@@ -192,11 +194,12 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     if model == "diffusion":  # its samples' scores at another number of steps, kept apart
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-steps", "2"])
+        other = "ddim" if "ddpm" in extra else "ddpm"
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
-                           "--num-samples", "100", "--sample-rho", "3", "--sampler", "ddpm"])
+                           "--num-samples", "100", "--sample-rho", "3", "--sampler", other])
         keys = json.loads((run / "evaluation.json").read_text())
         assert any("sample steps=2)" in key for key in keys)
-        assert any("sample rho=3, sampler=ddpm)" in key for key in keys)
+        assert any(f"sample rho=3, sampler={other})" in key for key in keys)
         assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
                                  "--sample-rho", "-1"], "--sample-rho must lie in 0..100")
     else:
