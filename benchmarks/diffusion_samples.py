@@ -11,14 +11,14 @@ exactly `dgm sample RUN --checkpoint last -n N --seed S
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import dgm
-from dgm.config import from_dict
-from dgm.models.diffusion import Diffusion
+from dgm.evaluate import load_model
 from dgm.quality import draw_samples
+from dgm.runs import load_checkpoint, load_weights
 
 
 def main() -> None:
@@ -33,14 +33,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
     torch.set_num_threads(1)
-    if a.weights == "averaged":
-        model = dgm.load(a.run, checkpoint="last")
-    else:
-        ckpt = torch.load(f"{a.run}/checkpoints/last.pt", weights_only=False, map_location="cpu")
-        cfg = from_dict("diffusion", ckpt["config"], recorded=True)
-        model = Diffusion.from_config(cfg, tuple(ckpt["image_shape"]))
-        model.load_state_dict(ckpt["state_dict"])
-        model.eval()
+    name, _, model, _ = load_model(a.run, "last", "cpu")  # the averaged weights, if any
+    if a.weights == "raw":
+        path = Path(a.run) / "checkpoints" / "last.pt"
+        load_weights(model, load_checkpoint(path, name, map_location="cpu"), path)
     model.sampler, model.sample_steps, model.sample_rho = a.sampler, a.steps, a.rho
     print(f"{a.weights} weights, {a.sampler}, t grid "
           f"{np.round(model.time_grid(a.steps), 3).tolist()}")
