@@ -121,6 +121,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
                         "Karras et al.'s (default: the run's --sample-rho)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"),
                    help="diffusion: the sampler of those samples (default: the run's)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="GAN and flow: standard deviation of the prior of those samples, "
+                        "below 1 for fidelity over variety (default: the run's --temperature)")
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -146,6 +149,9 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
                         "Karras et al.'s (default: the run's --sample-rho)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"),
                    help="diffusion: DDIM or ancestral sampling (default: the run's)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="GAN and flow: standard deviation of the prior, below 1 for "
+                        "fidelity over variety (default: the run's --temperature)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -301,7 +307,7 @@ def cmd_evaluate(args) -> int:
                                naive=args.naive, dequant_samples=args.dequant_samples,
                                time_samples=args.time_samples, num_samples=args.num_samples,
                                sample_steps=args.sample_steps, sample_rho=args.sample_rho,
-                               sampler=args.sampler)
+                               sampler=args.sampler, temperature=args.temperature)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -345,7 +351,8 @@ def cmd_sample(args) -> int:
     npz = _new_file(args.npz, ".npz", "--npz") if args.npz else None
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
-    set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler)
+    set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler,
+                 args.temperature)
     gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:

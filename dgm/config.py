@@ -120,6 +120,9 @@ class GANConfig(TrainConfig):
                                 "images (Mescheder et al., 2018; 0 = off)", min=0.0)
     d_steps: int = opt(1, "discriminator updates per generator update (each with fresh noise, "
                           "on the step's real batch)", min=1, max=100)
+    temperature: float = opt(1.0, "standard deviation of z when sampling: below 1 trades "
+                                  "variety for fidelity (the truncation trick's simple form)",
+                             min=0.0)
     sample_epochs: list[int] = opt([0, 2, 8, 100, 200],
                                    "epochs at which to save a sample grid (0 = before training)")
 

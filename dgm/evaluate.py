@@ -53,18 +53,24 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
 
 
 def set_sampling(model, name: str, run, steps: int | None = None, rho: float | None = None,
-                 sampler: str | None = None) -> None:
-    """A diffusion model's sampler, denoising steps and their spacing for its samples
-    (``--sampler``, ``--sample-steps``, ``--sample-rho``; None keeps the run's)."""
-    for flag, value in (("--sample-steps", steps), ("--sample-rho", rho),
-                        ("--sampler", sampler)):
-        if value is not None and not hasattr(model, "sample_steps"):
-            raise DgmError(f"{flag} is for diffusion runs, and {run} holds a {name}")
+                 sampler: str | None = None, temperature: float | None = None) -> None:
+    """How a model draws its samples, in place of the run's own: a diffusion model's sampler,
+    denoising steps and their spacing (``--sampler``, ``--sample-steps``, ``--sample-rho``), a
+    GAN's or flow's prior standard deviation (``--temperature``). None keeps the run's."""
+    for flag, value, attr, kind in (("--sample-steps", steps, "sample_steps", "diffusion"),
+                                    ("--sample-rho", rho, "sample_steps", "diffusion"),
+                                    ("--sampler", sampler, "sample_steps", "diffusion"),
+                                    ("--temperature", temperature, "temperature", "GAN and flow")):
+        if value is not None and not hasattr(model, attr):
+            raise DgmError(f"{flag} is for {kind} runs, and {run} holds a {name}")
     if steps is not None and not 1 <= steps <= 10000:
         raise DgmError("--sample-steps must lie in 1..10000")
     if rho is not None and not 0 <= rho <= 100:
         raise DgmError("--sample-rho must lie in 0..100")
-    for attr, value in (("sample_steps", steps), ("sample_rho", rho), ("sampler", sampler)):
+    if temperature is not None and not 0 <= temperature <= 100:
+        raise DgmError("--temperature must lie in 0..100")
+    for attr, value in (("sample_steps", steps), ("sample_rho", rho), ("sampler", sampler),
+                        ("temperature", temperature)):
         if value is not None:
             setattr(model, attr, value)
 
@@ -140,7 +146,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  sample_quality: bool = False, naive: bool = True,
                  dequant_samples: int = 1, time_samples: int = 8,
                  num_samples: int = 10000, sample_steps: int | None = None,
-                 sample_rho: float | None = None, sampler: str | None = None) -> dict:
+                 sample_rho: float | None = None, sampler: str | None = None,
+                 temperature: float | None = None) -> dict:
     """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
 
     Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
@@ -152,7 +159,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     GAN runs get the sample-quality scores of :mod:`dgm.quality`, from ``num_samples``
     samples; other models get them too with ``sample_quality``. ``sampler``,
     ``sample_steps`` and ``sample_rho`` set a diffusion model's sampler, denoising steps and
-    their spacing for those samples.
+    their spacing for those samples; ``temperature`` a GAN's or flow's prior standard
+    deviation.
     """
     run = Path(run)
     ctx, dev = setup(resolve_device(device))
@@ -160,16 +168,16 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
         return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
                              checkpoint, quiet or not ctx.is_main, sample_quality, naive,
                              dequant_samples, time_samples, num_samples, sample_steps,
-                             sample_rho, sampler, ctx)
+                             sample_rho, sampler, temperature, ctx)
     finally:
         ctx.close()
 
 
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
                   quiet, sample_quality, naive, dequant_samples, time_samples, num_samples,
-                  sample_steps, sample_rho, sampler, ctx):
+                  sample_steps, sample_rho, sampler, temperature, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
-    set_sampling(model, name, run, sample_steps, sample_rho, sampler)
+    set_sampling(model, name, run, sample_steps, sample_rho, sampler, temperature)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
     data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline
@@ -225,6 +233,8 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
         key = key[:-1] + f", sample rho={sample_rho:g})"
     if "frechet" in results and sampler is not None:
         key = key[:-1] + f", sampler={sampler})"
+    if "frechet" in results and temperature is not None:
+        key = key[:-1] + f", temperature={temperature:g})"
     save_evaluation(run, key, results)
     return json_safe(results)
 

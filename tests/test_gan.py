@@ -141,6 +141,21 @@ def test_d_lr_sets_the_discriminators_learning_rate_alone():
     assert {id(p) for p in opts["discriminator"].param_groups[0]["params"]} == d_params
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_temperature_scales_the_noise_of_samples_alone(arch):
+    """A sample is generate(temperature * z) for the generator's z; at 0 every sample is
+    G(0). Planted bug it catches: the temperature ignored (or applied twice) in sample."""
+    gan = GAN(arch=arch, hidden_dim=8 if arch == "conv" else None, latent_dim=6,
+              temperature=0.3).eval()
+    z = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(gan.sample(4, generator=torch.Generator().manual_seed(5)),
+                               gan.generate(0.3 * z))
+    assert not torch.allclose(gan.generate(0.3 * z), gan.generate(z))  # so the test can fail
+    gan.temperature = 0.0
+    torch.testing.assert_close(gan.sample(3), gan.generate(torch.zeros(3, 6)))
+    assert GAN.from_config(GANConfig(temperature=0.7)).temperature == 0.7
+
+
 def test_tiny_gan_lowers_frechet_score(real_data_dir):
     x, y = load_split("mnist", "test[:2000]", real_data_dir)
     net, _ = shipped_feature_net("mnist")

@@ -206,6 +206,19 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
         for flag, value in (("--sample-steps", "2"), ("--sample-rho", "2"),
                             ("--sampler", "ddpm")):
             assert_one_line(capsys, ["evaluate", str(run), flag, value], "for diffusion runs")
+    if model in ("gan", "flow"):  # their samples at another prior spread, scored apart
+        pictures.append(tmp_path / "s-t.png")
+        assert_ok(capsys, ["sample", str(run), "-n", "4", "--temperature", "0.5", "--out",
+                           str(pictures[-1])])
+        assert_ok(capsys, ["evaluate", str(run), "--sample-quality", "--num-samples", "100",
+                           "--temperature", "0.5", "--iw-samples", "3"])
+        keys = json.loads((run / "evaluation.json").read_text())
+        assert any("samples=100, temperature=0.5)" in key for key in keys)
+        assert_one_line(capsys, ["sample", str(run), "--out", str(tmp_path / "t.png"),
+                                 "--temperature", "nan"], "--temperature must lie in 0..100")
+    else:
+        assert_one_line(capsys, ["sample", str(run), "--out", str(tmp_path / "t.png"),
+                                 "--temperature", "0.5"], "for GAN and flow runs")
     for command in ("sample", "interpolate", "manifold", "evaluate"):
         if command == "manifold" and model != "vae":
             continue

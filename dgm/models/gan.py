@@ -142,6 +142,8 @@ class GAN(nn.Module):
         spectral_norm: spectral normalisation of every discriminator layer.
         r1_weight: gamma of the :func:`r1_penalty` (0 = off).
         d_steps: discriminator updates per generator update.
+        temperature: standard deviation of z in ``sample`` (below 1: the truncation trick of
+            Brock et al., 2019, in its simple scaled form; training always uses N(0, I)).
 
     Example:
         >>> gan = GAN()
@@ -161,11 +163,11 @@ class GAN(nn.Module):
     def __init__(self, latent_dim: int = 100, image_shape: tuple[int, int, int] = (1, 28, 28),
                  arch: str = "mlp", hidden_dim: int | None = None, loss: str = "ns",
                  gp_weight: float = 10.0, spectral_norm: bool = False, r1_weight: float = 0.0,
-                 d_steps: int = 1, d_hidden_dim: int | None = None):
+                 d_steps: int = 1, d_hidden_dim: int | None = None, temperature: float = 1.0):
         super().__init__()
         if loss not in LOSSES:
             raise DgmError(f"unknown GAN loss {loss!r}; choose one of {', '.join(LOSSES)}")
-        self.latent_dim = latent_dim
+        self.latent_dim, self.temperature = latent_dim, temperature
         self.image_shape = tuple(image_shape)
         self.loss, self.gp_weight, self.r1_weight, self.d_steps = loss, gp_weight, r1_weight, \
             d_steps
@@ -200,7 +202,8 @@ class GAN(nn.Module):
     def from_config(cls, cfg, image_shape: tuple[int, int, int] = (1, 28, 28)) -> "GAN":
         return cls(cfg.latent_dim, image_shape, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
                    loss=cfg.loss, gp_weight=cfg.gp_weight, spectral_norm=cfg.spectral_norm,
-                   r1_weight=cfg.r1_weight, d_steps=cfg.d_steps, d_hidden_dim=cfg.d_hidden_dim)
+                   r1_weight=cfg.r1_weight, d_steps=cfg.d_steps, d_hidden_dim=cfg.d_hidden_dim,
+                   temperature=cfg.temperature)
 
     def _fake(self, z: torch.Tensor) -> torch.Tensor:
         """Generated images in [-1, 1], shaped as the data: (B, latent_dim) -> (B, C, H, W)."""
@@ -216,9 +219,10 @@ class GAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images in [0, 1] from z ~ N(0, I): (n, C, H, W)."""
+        """n images in [0, 1] from z ~ N(0, temperature^2 I): (n, C, H, W)."""
         device = next(self.parameters()).device
-        return self.generate(torch.randn(n, self.latent_dim, generator=generator, device=device))
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.generate(self.temperature * z)
 
     @torch.no_grad()
     def refresh_statistics(self, generator: torch.Generator | None = None, n: int = 5000,
