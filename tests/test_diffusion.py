@@ -291,7 +291,8 @@ def test_time_of_inverts_the_schedule(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_time_grids_fall_from_one_to_zero_as_documented(kind):
-    model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), schedule=kind)
+    model = Diffusion((1, 8, 8), channels=8, channel_mults=(1, 2), schedule=kind,
+                      sample_rho=0.0)
     assert model.time_grid(4) == [1.0, 0.75, 0.5, 0.25, 0.0]  # rho 0: equal steps of t
     for rho in (1.0, 3.0, 7.0):
         model.sample_rho = rho
@@ -324,15 +325,16 @@ def test_the_samplers_step_through_the_time_grid(sampler, monkeypatch):
 
 def test_the_documented_defaults():
     """VDM's fixed schedule (-13.3 to 5), the README's U-Net (32 channels, multipliers
-    1, 2, 2, one block a level: 1,062,497 parameters), DDIM in 25 steps, 28x28 grey
-    images; one default set whether built directly or from DiffusionConfig."""
+    1, 2, 2, one block a level: 1,062,497 parameters), ancestral sampling in 25 steps
+    spaced at rho 3, 28x28 grey images; one default set whether built directly or from
+    DiffusionConfig."""
     direct, from_cfg = Diffusion(), Diffusion.from_config(DiffusionConfig())
     for m in (direct, from_cfg):
         assert m.image_shape == (1, 28, 28)
         assert (m.schedule.kind, m.schedule.gamma_min, m.schedule.gamma_max) == \
             ("linear", -13.3, 5.0)
         assert (m.sampler, m.sample_steps, m.sample_rho, m.loss, m.parameterization) == \
-            ("ddim", 25, 0.0, "elbo", "eps")
+            ("ddpm", 25, 3.0, "elbo", "eps")
         assert sum(p.numel() for p in m.parameters()) == 1_062_497
     assert [p.shape for p in direct.parameters()] == [p.shape for p in from_cfg.parameters()]
     s = NoiseSchedule()
@@ -445,7 +447,7 @@ def test_denoiser_is_the_posterior_mean_and_steps_match_their_posteriors():
 
 
 def test_reverse_walks_the_time_grid_and_rescales_z0():
-    model = tiny_model(sample_steps=4, gamma_min=-3.0)  # alpha_0 = 0.977, far from 1
+    model = tiny_model(sample_steps=4, gamma_min=-3.0, sample_rho=0.0)  # alpha_0 = 0.977
     seen = []
 
     def step(z, t, s, eta=0.0, generator=None):
@@ -460,7 +462,7 @@ def test_reverse_walks_the_time_grid_and_rescales_z0():
 
 
 def test_sample_and_generate_are_reverse_from_their_noise():
-    model = tiny_model(sample_steps=3)
+    model = tiny_model(sample_steps=3, sampler="ddim")
     z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10))
     torch.testing.assert_close(model.generate(z), model.reverse(z, 3, "ddim"))
     got = model.sample(4, generator=torch.Generator().manual_seed(10))

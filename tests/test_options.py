@@ -148,10 +148,10 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
              "--spectral-norm", "--ema", "0.9"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
              "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3"]),
-    ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddim
+    ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddpm at rho 3
     ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
-                   "--sampler", "ddpm", "--ema", "0", "--num-res-blocks", "2",
-                   "--sample-rho", "3"]),
+                   "--sampler", "ddim", "--ema", "0", "--num-res-blocks", "2",
+                   "--sample-rho", "0"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
@@ -194,7 +194,7 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     if model == "diffusion":  # its samples' scores at another number of steps, kept apart
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-steps", "2"])
-        other = "ddim" if "ddpm" in extra else "ddpm"
+        other = "ddpm" if "ddim" in extra else "ddim"
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-rho", "3", "--sampler", other])
         keys = json.loads((run / "evaluation.json").read_text())

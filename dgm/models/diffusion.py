@@ -183,7 +183,7 @@ class Diffusion(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  dropout: float = 0.0, loss: str = "elbo", parameterization: str = "eps",
                  schedule: str = "linear", gamma_min: float = -13.3, gamma_max: float = 5.0,
-                 sampler: str = "ddim", sample_steps: int = 25, sample_rho: float = 0.0):
+                 sampler: str = "ddpm", sample_steps: int = 25, sample_rho: float = 3.0):
         super().__init__()
         for what, value, allowed in (("loss", loss, ("elbo", "simple")),
                                      ("parameterization", parameterization, ("eps", "v")),
