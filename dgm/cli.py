@@ -113,17 +113,7 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10000, metavar="N",
                    help="samples drawn for the sample-quality scores (default 10000, the "
                         "usual count; fewer for a quick look, kept under its own key)")
-    p.add_argument("--sample-steps", type=int, metavar="N",
-                   help="diffusion: denoising steps of the scored samples (default: the run's "
-                        "--sample-steps)")
-    p.add_argument("--sample-rho", type=float, metavar="RHO",
-                   help="diffusion: spacing of those steps, 0 = equal steps of t, RHO > 0 = "
-                        "Karras et al.'s (default: the run's --sample-rho)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"),
-                   help="diffusion: the sampler of those samples (default: the run's)")
-    p.add_argument("--temperature", type=float, metavar="T",
-                   help="GAN and flow: standard deviation of the prior of those samples, "
-                        "below 1 for fidelity over variety (default: the run's --temperature)")
+    _add_sampling(p)
     p.add_argument("--sample-quality", action="store_true",
                    help="add Frechet and kernel distances, precision and recall (in the data "
                         "set's shipped feature network) and the Parzen score for any model "
@@ -142,16 +132,7 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--npz", metavar="FILE.npz", type=_path,
                    help="the samples as one float32 array (N, H, W) or (N, H, W, C) in [0, 1], "
                         "for dgm score; a new file")
-    p.add_argument("--sample-steps", type=int, metavar="N",
-                   help="diffusion: denoising steps (default: the run's --sample-steps)")
-    p.add_argument("--sample-rho", type=float, metavar="RHO",
-                   help="diffusion: spacing of the steps, 0 = equal steps of t, RHO > 0 = "
-                        "Karras et al.'s (default: the run's --sample-rho)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"),
-                   help="diffusion: DDIM or ancestral sampling (default: the run's)")
-    p.add_argument("--temperature", type=float, metavar="T",
-                   help="GAN and flow: standard deviation of the prior, below 1 for "
-                        "fidelity over variety (default: the run's --temperature)")
+    _add_sampling(p)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
@@ -229,6 +210,22 @@ def build_parser(own_model: str | None = None) -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_interpolate)
     return parser
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    """How the samples of ``dgm sample`` and ``dgm evaluate`` are drawn, in place of the run's
+    own (:func:`dgm.evaluate.set_sampling`)."""
+    p.add_argument("--sample-steps", type=int, metavar="N",
+                   help="diffusion: denoising steps of the samples (default: the run's "
+                        "--sample-steps)")
+    p.add_argument("--sample-rho", type=float, metavar="RHO",
+                   help="diffusion: spacing of those steps, 0 = equal steps of t, RHO > 0 = "
+                        "Karras et al.'s (default: the run's --sample-rho)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"),
+                   help="diffusion: DDIM or ancestral sampling (default: the run's)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="GAN and flow: standard deviation of the prior, below 1 for "
+                        "fidelity over variety (default: the run's --temperature)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

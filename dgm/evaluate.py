@@ -227,14 +227,12 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
                                       else ")")
     if "frechet" in results and num_samples != 10000:  # a quick look keeps the 10000's
         key = key[:-1] + f", samples={num_samples})"
-    if "frechet" in results and sample_steps is not None:
-        key = key[:-1] + f", sample steps={sample_steps})"
-    if "frechet" in results and sample_rho is not None:
-        key = key[:-1] + f", sample rho={sample_rho:g})"
-    if "frechet" in results and sampler is not None:
-        key = key[:-1] + f", sampler={sampler})"
-    if "frechet" in results and temperature is not None:
-        key = key[:-1] + f", temperature={temperature:g})"
+    # Samples drawn otherwise than the run's own way are scored under a key of their own.
+    for label, value in (("sample steps", sample_steps), ("sample rho", sample_rho),
+                         ("sampler", sampler), ("temperature", temperature)):
+        if "frechet" in results and value is not None:
+            shown = f"{value:g}" if isinstance(value, float) else value
+            key = key[:-1] + f", {label}={shown})"
     save_evaluation(run, key, results)
     return json_safe(results)
 
