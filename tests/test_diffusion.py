@@ -399,6 +399,16 @@ def test_bound_terms_by_hand():
     torch.testing.assert_close(bpd, model.bound_terms(x)["total"] / (64 * math.log(2)))
 
 
+def test_stratified_times_are_one_uniform_shifted_by_i_over_n():
+    """VDM's low-discrepancy draw: (u + i / n) mod 1 for one u ~ U[0, 1) from the generator,
+    so sorted they step by exactly 1 / n. Planted bug: i.i.d. uniform times."""
+    t = stratified_times(8, "cpu", torch.float64, torch.Generator().manual_seed(3))
+    u = torch.rand((), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(t, (u + torch.arange(8, dtype=torch.float64) / 8) % 1)
+    torch.testing.assert_close(t.sort().values.diff(), torch.full((7,), 1 / 8, dtype=t.dtype))
+    assert 0 <= t.min() and t.max() < 1
+
+
 def test_the_t_step_bound_draws_t_on_its_grid():
     """Without given times, the T-step bound rounds the stratified draw up to i / T,
     i = 1..T (t = 0 would need a step from s = -1 / T)."""

@@ -1,7 +1,9 @@
 """The thread policy for CPUs that other processes share (dgm/threads.py)."""
 
 import os
+import sys
 
+import pytest
 import torch
 
 from dgm import threads
@@ -12,10 +14,25 @@ def test_others_busy_time_excludes_our_own(monkeypatch):
     # All cores were busy 200 ticks over 1 s, of which we were 50: others used 1.5 cores.
     assert threads._others((100, 10), (300, 60), 1.0) == 1.5
     assert threads._others((100, 10), (150, 60), 1.0) == 0.0  # never negative
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the load is read from Linux's /proc")
+def test_the_load_is_measured_on_linux():
+    """Planted bug: _busy_ticks returning None (no measurement) left the policy at torch's
+    default while every other check here still passed."""
+    assert threads._busy_ticks() is not None
     busy = threads.others_busy_cores(0.05)
-    assert busy is None or 0 <= busy <= (os.cpu_count() or 1) + 0.5
+    assert busy is not None and 0 <= busy <= (os.cpu_count() or 1) + 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # with one thread the policy has nothing to choose
+    try:
+        policy = threads.ThreadPolicy(0)
+        assert policy.last is not None
+        policy.restore()
+    finally:
+        torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the load is read from Linux's /proc")
 def test_threads_follow_the_idle_cores(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     before = torch.get_num_threads()
@@ -25,8 +42,7 @@ def test_threads_follow_the_idle_cores(monkeypatch):
         for busy, want in ((0.0, 2), (0.2, 2), (0.3, 1), (1.0, 1), (1.9, 1)):
             monkeypatch.setattr(threads, "others_busy_cores", lambda interval=0.1, b=busy: b)
             policy = threads.ThreadPolicy(0)
-            if policy.last is not None:  # on Linux; elsewhere torch's default stays
-                assert torch.get_num_threads() == want, busy
+            assert torch.get_num_threads() == want, busy
             policy.restore()
             assert torch.get_num_threads() == 2
         fixed = threads.ThreadPolicy(1)

@@ -105,7 +105,9 @@ def _vamp(**kw):
 def test_vamp_prior_density_matches_torch_distributions():
     model = _vamp().double()
     z = torch.randn(5, 4, 3, dtype=torch.float64)
-    mu, logvar = model.prior_params()
+    # The components are the encoder's q(z|u_k) at the pseudo-images u_k = sigmoid(logits),
+    # built here by hand, not from prior_params (planted bug: the sigmoid dropped there).
+    mu, logvar = model.encode(torch.sigmoid(model.pseudo_logits))
     mixture = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(logits=torch.zeros(7, dtype=torch.float64)),
         torch.distributions.Independent(torch.distributions.Normal(mu, (0.5 * logvar).exp()), 1))
