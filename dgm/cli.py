@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -361,7 +362,7 @@ def cmd_sample(args) -> int:
         def write(f):
             np.savez(f, samples=array)
 
-        atomic_write(npz, write)
+        atomic_write(npz, write, new=True)
         print(npz)
     return 0
 
@@ -374,6 +375,9 @@ def _new_file(path: str, suffix: str, flag: str = "--out", own: bool = False) ->
 
     if not path.lower().endswith(suffix):
         raise DgmError(f"{flag} {path} must end in {suffix}")
+    if os.path.islink(path):  # dangling too: replacing it would lose the link
+        raise DgmError(f"{flag} {path} is a link; dgm does not replace your files: give the "
+                       "path it points to, or another name")
     if Path(path).exists() and not (own and dgm_wrote(Path(path))):
         mine = " and dgm did not write it" if own else ""
         raise DgmError(f"{flag} {path} exists already{mine}; dgm does not replace your "

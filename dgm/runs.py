@@ -29,10 +29,10 @@ import yaml
 from dgm.config import TrainConfig, from_dict
 from dgm.errors import DgmError
 
-__all__ = ["FORMAT_VERSION", "DiskFull", "RunLock", "check_run_folder", "is_dgm_run",
-           "json_safe", "load_checkpoint", "load_config", "load_weights", "read_evaluations",
-           "read_metrics", "remove_stale_temps", "save_checkpoint", "save_config",
-           "save_evaluation", "write_metrics"]
+__all__ = ["FORMAT_VERSION", "DiskFull", "RunLock", "check_no_links", "check_run_folder",
+           "holds_results", "is_dgm_run", "json_safe", "load_checkpoint", "load_config",
+           "load_weights", "read_evaluations", "read_metrics", "remove_stale_temps",
+           "save_checkpoint", "save_config", "save_evaluation", "write_metrics"]
 
 FORMAT_VERSION = 1
 _UMASK = os.umask(0)
@@ -71,25 +71,36 @@ def dgm_wrote(path: Path) -> bool:
     return png in head or HTML_MARK.encode() in head
 
 
-def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb") -> None:
+def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb",
+                 new: bool = False) -> None:
     """Write a file through ``write(f)`` so readers see the old or new file, never half.
 
+    With ``new``, the file must not exist when it is published, even if one appeared while
+    it was written: a file found there then ends in a :class:`DgmError` and is left as it is.
     A full disk leaves the old file and no temporary one, and ends in :class:`DiskFull`
     naming the file and the free space."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}",
+                                   suffix=".tmp")
         try:
             with os.fdopen(fd, mode) as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual mode
-            os.replace(tmp, path)
+            if new:
+                os.link(tmp, path)  # unlike a rename, never replaces what is there
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    except FileExistsError:
+        raise DgmError(f"{path} appeared while dgm wrote it; dgm does not replace your files: "
+                       "choose another name") from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -97,15 +108,22 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
                        "free there); its previous version is kept; free some space") from None
 
 
-# The folders of a run that dgm writes into, and the temporary names atomic_write gives.
+# The folders of a run that dgm writes into, and the temporary names atomic_write gives:
+# ".NAME.dgm-XXXXXXXX.tmp", a tag that a file of yours is unlikely to carry.
 RUN_FOLDERS = (".", "checkpoints", "samples", "manifold")
-_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_TEMP_TAG = "dgm-"
+_TEMP = re.compile(r"\..+\.dgm-[a-z0-9_]{8}\.tmp")
+# Written with a run's first config.yaml: what a copy of that config in a folder of yours
+# lacks, so that such a folder is never taken for a run.
+RUN_MARK = ".dgm-run"
 
 
 def remove_stale_temps(run: Path) -> None:
     """Delete the temporary files that a process killed mid-write left in ``run``: only
-    atomic_write's names, only in the folders dgm writes, never in a user's subfolders."""
+    atomic_write's names, only in the folders dgm writes, never through a link to elsewhere."""
     for folder in RUN_FOLDERS:
+        if (run / folder).is_symlink():
+            continue
         for p in (run / folder).glob(".*.tmp"):
             if _TEMP.fullmatch(p.name) and p.is_file():
                 p.unlink()
@@ -113,11 +131,14 @@ def remove_stale_temps(run: Path) -> None:
 
 def is_dgm_run(run: Path) -> bool:
     """Whether ``run`` is a folder that dgm wrote, by what only dgm writes: a config.yaml
-    that carries dgm's ``format_version``, or (runs of dgm 0.1.0, whose config had none) a
-    last checkpoint that is dgm's. A file named config.yaml alone proves nothing."""
+    that carries dgm's ``format_version`` beside the run's mark (``.dgm-run``), or (runs
+    made before the mark) a last checkpoint that is dgm's. A file named config.yaml alone,
+    even a copy of a run's, proves nothing."""
     config = run / "config.yaml"
     if not (run.is_dir() and config.is_file()):
         return False
+    if not (run / RUN_MARK).is_file():
+        return _has_dgm_checkpoint(run)
     try:
         with open(config) as f:
             values = yaml.load(f, Loader=_Loader)
@@ -126,11 +147,35 @@ def is_dgm_run(run: Path) -> bool:
     if isinstance(values, dict) and "model" in values and isinstance(
             values.get("format_version"), int) and not isinstance(values["format_version"], bool):
         return True
+    return _has_dgm_checkpoint(run)
+
+
+def _has_dgm_checkpoint(run: Path) -> bool:
     try:
         load_checkpoint(run / "checkpoints" / "last.pt")
     except DgmError:
         return False
     return True
+
+
+def holds_results(run: Path) -> bool:
+    """Whether a run folder holds what a new training would lose: a checkpoint, a
+    metrics row or an evaluation."""
+    metrics = run / "metrics.csv"
+    try:
+        rows = metrics.is_file() and len(metrics.read_text().split()) > 1
+    except (OSError, UnicodeDecodeError):
+        rows = True  # unreadable: assume it is worth keeping
+    return rows or (run / "evaluation.json").exists() or any((run / "checkpoints").glob("*.pt"))
+
+
+def check_no_links(run: Path) -> None:
+    """Refuse a run whose subfolders are links: dgm would write and clean up elsewhere."""
+    for folder in RUN_FOLDERS[1:]:
+        if (run / folder).is_symlink():
+            raise DgmError(f"{run / folder} is a link to elsewhere, and dgm writes only inside "
+                           "its run folder: make it a folder (to keep a run on another disk, "
+                           "link the whole run folder instead)")
 
 
 def check_run_folder(run: Path) -> None:
@@ -151,6 +196,9 @@ def default_run_dir(model: str, dataset: str) -> Path:
 
 
 def save_config(run: Path, model: str, cfg: TrainConfig) -> None:
+    if not (run / RUN_MARK).is_file():
+        atomic_write(run / RUN_MARK, lambda f: f.write(
+            "This folder is a run that dgm wrote (dgm train); see config.yaml.\n"), mode="w")
     text = yaml.safe_dump({"model": model, "format_version": FORMAT_VERSION,
                            **dataclasses.asdict(cfg)}, sort_keys=False)
     atomic_write(run / "config.yaml", lambda f: f.write(text), mode="w")
@@ -314,7 +362,12 @@ class RunLock:
     def __init__(self, run: Path):
         self.run, self.made = run, not run.exists()
         run.mkdir(parents=True, exist_ok=True)
-        self.file = open(run / ".lock", "w")  # noqa: SIM115 - held for the run's lifetime
+        try:  # never truncates, nor follows a link: a .lock of yours stays as it is
+            fd = os.open(run / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            raise DgmError(f"cannot lock {run / '.lock'} ({e.strerror}); dgm does not write "
+                           "through links: remove it or choose another --out") from None
+        self.file = os.fdopen(fd, "w")  # held for the run's lifetime
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -350,7 +403,7 @@ def pack_run(run: Path, out: Path, state_dict: dict, ckpt: dict) -> None:
             "evaluation": json.dumps(read_evaluations(run))}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     data = save(tensors, metadata=meta)
-    atomic_write(out, lambda f: f.write(data))
+    atomic_write(out, lambda f: f.write(data), new=True)  # a file of yours is never replaced
 
 
 def unpack_run(path: Path, folder: Path) -> None:

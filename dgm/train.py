@@ -29,7 +29,9 @@ from dgm.report import write_report
 from dgm.runs import (
     DiskFull,
     RunLock,
+    check_no_links,
     check_run_folder,
+    holds_results,
     is_dgm_run,
     load_checkpoint,
     load_weights,
@@ -130,11 +132,15 @@ def _train(model_name, cfg, run, resume, quiet, ctx, device):
     last_path = run / "checkpoints" / "last.pt"
     if not resume:
         check_run_folder(run)
-        if last_path.exists():
+        if holds_results(run):
             raise DgmError(f"{run} already holds a run; continue it with --resume {run} "
                            "or choose another --out")
     elif not is_dgm_run(run):
         raise DgmError(f"{run} is not a dgm run folder; give the folder that 'dgm train' wrote")
+    elif not last_path.exists() and holds_results(run):
+        raise DgmError(f"{run} has no checkpoints/last.pt to continue from, but holds results "
+                       "that starting again would replace; choose another --out")
+    check_no_links(run)
     # A run stopped before its first checkpoint resumes from the start, with its config.
     resume = resume and last_path.exists()
 

@@ -449,7 +449,8 @@ def modes_covered(gan: GAN, n: int = 800) -> int:
 
 
 # raises=AssertionError: only the comparison may fail; a crash of either GAN fails the test.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: on these squares the conv GAN (ns, or hinge "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: on these squares the "
+                   "conv GAN (ns, or hinge "
                    "with spectral norm) collapses to one near-blank image within 160-192 steps "
                    "while the MLP GAN covers 3-7 modes; over 960 steps the MLP covers all 8 by "
                    "step 640, so this toy cannot show the conv GAN's advantage; on Fashion-MNIST "

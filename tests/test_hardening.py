@@ -263,14 +263,18 @@ def test_out_replaces_only_what_dgm_wrote(run, tmp_path, capsys, command):
 
 
 def test_stale_temps_are_only_dgms(run, capsys):
-    (run / "samples" / ".epoch_001.png.ab12cd34.tmp").write_text("dgm's, from a kill")
+    """Planted bug: any ".NAME.XXXXXXXX.tmp" taken for dgm's (as dgm did), which deleted a
+    file of yours named like ".notes.20241201.tmp"."""
+    (run / "samples" / ".epoch_001.png.dgm-ab12cd34.tmp").write_text("dgm's, from a kill")
     (run / "extra").mkdir()
-    (run / "extra" / ".epoch_001.png.ab12cd34.tmp").write_text("the user's")
-    (run / ".notes.tmp").write_text("the user's")
+    (run / "extra" / ".epoch_001.png.dgm-ab12cd34.tmp").write_text("the user's")
+    yours = [".notes.tmp", ".notes.20241201.tmp", ".report.html.bak_0001.tmp"]
+    for name in yours:
+        (run / name).write_text("the user's")
     assert main(["train", "vae", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
-    assert not (run / "samples" / ".epoch_001.png.ab12cd34.tmp").exists()
-    assert (run / "extra" / ".epoch_001.png.ab12cd34.tmp").exists()
-    assert (run / ".notes.tmp").exists()
+    assert not (run / "samples" / ".epoch_001.png.dgm-ab12cd34.tmp").exists()
+    assert (run / "extra" / ".epoch_001.png.dgm-ab12cd34.tmp").exists()
+    assert all((run / name).read_text() == "the user's" for name in yours)
 
 
 def test_failed_download_leaves_no_litter(tmp_path, monkeypatch):
@@ -372,12 +376,97 @@ def test_a_users_config_yaml_does_not_make_a_run(theirs, fake_data_dir, tmp_path
     assert (mine / "config.yaml").read_text() == theirs
 
 
+def test_a_copy_of_a_runs_config_does_not_make_a_run(run, fake_data_dir, tmp_path, capsys):
+    """A run's config.yaml serves as --config, so it is copied into folders of yours; with
+    dgm's format_version in it, it once made such a folder a run, and training there replaced
+    your metrics.csv, report.html and pictures. Planted bug: the run's mark not required."""
+    mine = tmp_path / "mine"
+    (mine / "samples").mkdir(parents=True)
+    yours = {"config.yaml": (run / "config.yaml").read_text() + "# my notes\n",
+             "metrics.csv": "mine\n", "report.html": "<html>mine</html>",
+             "samples/epoch_000.png": "mine"}
+    for name, text in yours.items():
+        (mine / name).write_text(text)
+    one_line_error(capsys, 1, vae(fake_data_dir, mine, "--epochs", "1"), "not a dgm run")
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(mine)], "not a dgm run")
+    one_line_error(capsys, 1, ["report", str(mine)], "not a dgm run")
+    assert {str(p.relative_to(mine)) for p in mine.rglob("*") if p.is_file()} == set(yours)
+    assert all((mine / name).read_text() == text for name, text in yours.items())
+
+
+def test_a_run_that_holds_results_is_never_started_again_over_them(run, fake_data_dir,
+                                                                   tmp_path, capsys):
+    """Without checkpoints/last.pt (kept only best.pt, to save space), a run was taken for
+    one stopped before its first checkpoint: a new training, even of another model, or
+    --resume replaced its best checkpoint and metrics. Planted bug: last.pt alone checked."""
+    (run / "checkpoints" / "last.pt").unlink()
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    gan = ["train", "gan", "--dataset", "mnist", "--data-dir", str(fake_data_dir), "--offline",
+           "--train-split", "train[:64]", "--val-split", "test[:32]", "--epochs", "1",
+           "--out", str(run)]
+    one_line_error(capsys, 1, gan, "already holds a run")
+    one_line_error(capsys, 1, vae(fake_data_dir, run, "--epochs", "1"), "already holds a run")
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run)], "no checkpoints/last.pt")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+
+
+def test_links_are_never_written_through(run, tmp_path, capsys):
+    """A subfolder of a run linked elsewhere (dgm would write and clean up there), a link at
+    --npz, an export FILE or --out (a dangling one looked like nothing and was replaced), a
+    .lock linked to a file of yours (it was truncated): each refused, nothing touched."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    (gallery / "epoch_002.png").write_text("mine")
+    (gallery / ".holiday.dgm-abcdefgh.tmp").write_text("mine")
+    (run / "samples").rename(tmp_path / "moved")
+    (run / "samples").symlink_to(gallery)
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run), "--epochs", "2"],
+                   "is a link to elsewhere")
+    assert sorted(p.name for p in gallery.iterdir()) == [".holiday.dgm-abcdefgh.tmp",
+                                                          "epoch_002.png"]
+    (run / "samples").unlink()
+    (tmp_path / "moved").rename(run / "samples")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    (run / ".lock").unlink()
+    (run / ".lock").symlink_to(precious)
+    one_line_error(capsys, 1, ["train", "vae", "--resume", str(run), "--epochs", "2"],
+                   "does not write through links")
+    assert precious.read_text() == "mine"
+    for argv, link in ((["sample", str(run), "-n", "4", "--npz"], "s.npz"),
+                       (["sample", str(run), "-n", "4", "--out"], "s.png"),
+                       (["export", str(run)], "r.safetensors")):
+        (tmp_path / link).symlink_to(tmp_path / "usb" / link)  # dangling
+        one_line_error(capsys, 1, [*argv, str(tmp_path / link)], "is a link")
+        assert (tmp_path / link).is_symlink()
+
+
+def test_a_new_file_that_appears_while_dgm_writes_is_kept(tmp_path):
+    """--npz and dgm export publish with a link, which never replaces: a file of yours made
+    at that name while dgm was writing stays. Planted bug: a rename (which replaces)."""
+    from dgm.runs import atomic_write
+
+    path = tmp_path / "s.npz"
+
+    def write(f):
+        f.write(b"dgm's")
+        path.write_bytes(b"yours")  # made meanwhile
+
+    with pytest.raises(DgmError, match="appeared while dgm wrote it"):
+        atomic_write(path, write, new=True)
+    assert path.read_bytes() == b"yours" and list(tmp_path.iterdir()) == [path]
+    atomic_write(tmp_path / "new.npz", lambda f: f.write(b"dgm's"), new=True)
+    assert (tmp_path / "new.npz").read_bytes() == b"dgm's"
+
+
 def test_a_runs_config_is_recognised_and_serves_as_a_config(run, fake_data_dir, tmp_path,
                                                             capsys):
     assert yaml_of(run / "config.yaml")["format_version"] == 1
-    # dgm's own run stopped before its first checkpoint is still dgm's to restart.
+    # dgm's own run stopped before its first checkpoint (no checkpoint, no metrics row) is
+    # still dgm's to restart.
     (run / "checkpoints" / "last.pt").unlink()
     (run / "checkpoints" / "best.pt").unlink()
+    (run / "metrics.csv").write_text("\r\n")
     assert main(vae(fake_data_dir, run, "--epochs", "1")) == 0
     again = tmp_path / "again"
     assert main(vae(fake_data_dir, again, "--epochs", "1", "--config",
