@@ -182,7 +182,9 @@ def check_run_folder(run: Path) -> None:
     """Refuse to write a new run into anything but a new or empty folder or a dgm run."""
     if run.exists() and not run.is_dir():
         raise DgmError(f"--out {run} is a file, not a folder; choose another --out")
-    if run.is_dir() and any(run.iterdir()) and not is_dgm_run(run):
+    # A run killed as it started holds only these: it is dgm's to start again.
+    started = {".lock", RUN_MARK}
+    if run.is_dir() and any(p.name not in started for p in run.iterdir()) and not is_dgm_run(run):
         raise DgmError(f"--out {run} is a folder that holds other files and is not a dgm run; "
                        "dgm writes only into a new or empty folder: choose another --out")
 

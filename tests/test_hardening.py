@@ -394,6 +394,17 @@ def test_a_copy_of_a_runs_config_does_not_make_a_run(run, fake_data_dir, tmp_pat
     assert all((mine / name).read_text() == text for name, text in yours.items())
 
 
+def test_a_run_killed_as_it_started_starts_again(fake_data_dir, tmp_path):
+    """SIGKILL after the lock (and the mark) but before config.yaml leaves only those: the
+    same command then starts the run (a random kill in the reliability test found this)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("")
+    (run / ".dgm-run").write_text("")
+    assert main(vae(fake_data_dir, run, "--epochs", "1", "--quiet")) == 0
+    assert (run / "checkpoints" / "last.pt").is_file()
+
+
 def test_a_run_that_holds_results_is_never_started_again_over_them(run, fake_data_dir,
                                                                    tmp_path, capsys):
     """Without checkpoints/last.pt (kept only best.pt, to save space), a run was taken for
