@@ -91,8 +91,7 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; give the usual mode
             if new:
-                os.link(tmp, path)  # unlike a rename, never replaces what is there
-                os.unlink(tmp)
+                _publish_new(tmp, path)
             else:
                 os.replace(tmp, path)
         except BaseException:
@@ -106,6 +105,20 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
             raise
         raise DiskFull(f"the disk is full: could not write {path} ({_free_space(path.parent)} "
                        "free there); its previous version is kept; free some space") from None
+
+
+def _publish_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # unlike a rename, never replaces what is there
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        # A file system without hard links: check, then rename (a narrow window remains).
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 # The folders of a run that dgm writes into, and the temporary names atomic_write gives:

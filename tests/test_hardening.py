@@ -470,6 +470,23 @@ def test_a_new_file_that_appears_while_dgm_writes_is_kept(tmp_path):
     assert (tmp_path / "new.npz").read_bytes() == b"dgm's"
 
 
+def test_a_new_file_on_a_file_system_without_links(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from dgm.runs import atomic_write
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_write(tmp_path / "a.npz", lambda f: f.write(b"dgm's"), new=True)
+    assert (tmp_path / "a.npz").read_bytes() == b"dgm's"
+    with pytest.raises(DgmError, match="appeared while dgm wrote it"):
+        atomic_write(tmp_path / "a.npz", lambda f: f.write(b"again"), new=True)
+    assert (tmp_path / "a.npz").read_bytes() == b"dgm's" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_runs_config_is_recognised_and_serves_as_a_config(run, fake_data_dir, tmp_path,
                                                             capsys):
     assert yaml_of(run / "config.yaml")["format_version"] == 1
