@@ -28,7 +28,10 @@ def test_report_is_self_contained(run_pair, tmp_path):
     assert main(["report", str(a)]) == 0
     page = (a / "report.html").read_text()
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    assert not re.search(r'src="(?!data:)', page)  # every image embedded, nothing fetched
+    # Every image embedded, nothing fetched: no src or href, in any quoting, and no CSS url()
+    # that points outside the page.
+    assert not re.search(r"""(?:src|href)\s*=\s*(?!["']?(?:data:|#))|url\(\s*(?!["']?data:)""",
+                         page, re.IGNORECASE)
     for needle in ("Configuration", "Evaluation", "Metrics per epoch", "Samples by epoch",
                    "Manifold by epoch", "iwae.log_px_nats", "epoch 0", "latent_dim"):
         assert needle in page, needle
