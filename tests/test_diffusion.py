@@ -198,8 +198,18 @@ def test_sample_and_generate_shapes_and_range():
     x = model.sample(5, generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
     torch.testing.assert_close(model.sample(5, generator=torch.Generator().manual_seed(0)), x)
+    # generate is DDIM at eta 0 from the given noise: deterministic, the sampler's steps, in
+    # [0, 1]; a DDIM sample from the same noise is the same image.
     z = torch.randn(2, *model.latent_shape)
-    torch.testing.assert_close(model.generate(z), model.generate(z))
+    images = model.generate(z)
+    assert images.shape == (2, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    torch.testing.assert_close(model.generate(z), images)
+    ddim = tiny_model(sample_steps=3, sampler="ddim")
+    ddim.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, *model.image_shape, generator=gen)
+    torch.testing.assert_close(ddim.sample(2, generator=torch.Generator().manual_seed(4)),
+                               model.generate(noise))
 
 
 def test_unet_shapes_and_divisibility(tmp_path):
