@@ -97,9 +97,6 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except FileExistsError:
-        raise DgmError(f"{path} appeared while dgm wrote it; dgm does not replace your files: "
-                       "choose another name") from None
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -108,14 +105,18 @@ def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str
 
 
 def _publish_new(tmp: str, path: Path) -> None:
+    appeared = DgmError(f"{path} appeared while dgm wrote it; dgm does not replace your files: "
+                        "choose another name")
     try:
         os.link(tmp, path)  # unlike a rename, never replaces what is there
+    except FileExistsError:
+        raise appeared from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
             raise
         # A file system without hard links: check, then rename (a narrow window remains).
         if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+            raise appeared from None
         os.replace(tmp, path)
         return
     os.unlink(tmp)
@@ -125,7 +126,7 @@ def _publish_new(tmp: str, path: Path) -> None:
 # ".NAME.dgm-XXXXXXXX.tmp", a tag that a file of yours is unlikely to carry.
 RUN_FOLDERS = (".", "checkpoints", "samples", "manifold")
 _TEMP_TAG = "dgm-"
-_TEMP = re.compile(r"\..+\.dgm-[a-z0-9_]{8}\.tmp")
+_TEMP = re.compile(rf"\..+\.{_TEMP_TAG}[a-z0-9_]{{8}}\.tmp")
 # Written with a run's first config.yaml: what a copy of that config in a folder of yours
 # lacks, so that such a folder is never taken for a run.
 RUN_MARK = ".dgm-run"

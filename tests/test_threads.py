@@ -15,6 +15,7 @@ def test_others_busy_time_excludes_our_own(monkeypatch):
     assert threads._others((100, 10), (300, 60), 1.0) == 1.5
     assert threads._others((100, 10), (150, 60), 1.0) == 0.0  # never negative
 
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the load is read from Linux's /proc")
 def test_the_load_is_measured_on_linux():
     """Planted bug: _busy_ticks returning None (no measurement) left the policy at torch's
