@@ -329,13 +329,15 @@ def evaluate_diffusion(model, x_uint8: torch.Tensor, time_samples: int = 8,
     per image and bits/dim, with every term counted: the prior KL(q(z_1|x) || N(0, I)),
     the continuous-time diffusion term and the discrete decoder's reconstruction term.
 
-    Each image gets ``time_samples`` K draws of t, stratified per image ((u + k / K) mod 1,
-    so together they cover [0, 1)), each with fresh noise. Per image the K values average to
-    an unbiased estimate of its bound; ``sem_nats`` is the standard error over images (which
-    includes the Monte-Carlo noise), and ``mc_stderr_nats`` the Monte-Carlo standard error
-    of the time integral per image, std over the K draws / sqrt(K) averaged over images
-    (conservative: it treats the stratified draws as independent, and stratifying lowers
-    the variance), with ``mc_stderr_mean_nats`` its effect on the mean over images.
+    Each image gets ``time_samples`` K draws of the noise level, stratified per image
+    ((u + k / K) mod 1, so together they cover [0, 1)) and uniform in log SNR
+    (:meth:`~dgm.models.diffusion.NoiseSchedule.bound_times`), each with fresh noise. Per
+    image the K values average to an unbiased estimate of its bound; ``sem_nats`` is the
+    standard error over images (which includes the Monte-Carlo noise), and
+    ``mc_stderr_nats`` the Monte-Carlo standard error of the time integral per image, std
+    over the K draws / sqrt(K) averaged over images (conservative: it treats the stratified
+    draws as independent, and stratifying lowers the variance), with
+    ``mc_stderr_mean_nats`` its effect on the mean over images.
     """
     ctx = ctx or Context()
     torch.manual_seed(EVAL_SEED + ctx.rank)
@@ -348,10 +350,11 @@ def evaluate_diffusion(model, x_uint8: torch.Tensor, time_samples: int = 8,
                       disable=quiet or None):
         xb = part[start:start + batch_size]
         u = torch.rand(len(xb), 1, generator=gen, device=xb.device)
-        t = torch.remainder(u + torch.arange(k, device=xb.device)[None] / k, 1.0)  # (B, K)
+        u = torch.remainder(u + torch.arange(k, device=xb.device)[None] / k, 1.0)  # (B, K)
         per: dict[str, list] = {}
         for j in range(k):
-            for name, v in model.bound_terms(xb, t[:, j]).items():
+            t, weight = model.schedule.bound_times(u[:, j])
+            for name, v in model.bound_terms(xb, t, weight=weight).items():
                 per.setdefault(name, []).append(v.double())
         for name, vs in per.items():
             draws.setdefault(name, []).append(torch.stack(vs, 1))  # (B, K)
@@ -365,7 +368,8 @@ def evaluate_diffusion(model, x_uint8: torch.Tensor, time_samples: int = 8,
              "bits_per_dim_sem": bits_per_dim(out["sem_nats"], dims),
              "mc_stderr_nats": mc.mean().item(),
              "mc_stderr_mean_nats": (mc.square().mean() / n).sqrt().item(),
-             "time_draws_per_image": k, "time_draws": "stratified per image, (u + k/K) mod 1",
+             "time_draws_per_image": k,
+             "time_draws": "stratified per image, (u + k/K) mod 1, uniform in log SNR",
              "note": "mc_stderr treats the K stratified draws as independent, so it is an "
                      "upper estimate (often far above the truth); sem_nats includes the "
                      "Monte-Carlo noise, so the mean's Monte-Carlo error is at most sem_nats"}
