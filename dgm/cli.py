@@ -227,6 +227,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, metavar="T",
                    help="GAN and flow: standard deviation of the prior, below 1 for "
                         "fidelity over variety (default: the run's --temperature)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the networks that draw the samples: fp32, or bf16 autocast (a GPU, or "
+                        "a CPU with native bf16: about 2x faster there); likelihoods are "
+                        "always fp32 (default fp32)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -305,7 +309,8 @@ def cmd_evaluate(args) -> int:
                                naive=args.naive, dequant_samples=args.dequant_samples,
                                time_samples=args.time_samples, num_samples=args.num_samples,
                                sample_steps=args.sample_steps, sample_rho=args.sample_rho,
-                               sampler=args.sampler, temperature=args.temperature)
+                               sampler=args.sampler, temperature=args.temperature,
+                               precision=args.precision)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -337,6 +342,7 @@ def cmd_sample(args) -> int:
     from dgm.plots import save_grid
     from dgm.quality import draw_samples
     from dgm.runs import atomic_write
+    from dgm.train import autocast, check_precision
     from dgm.zoo import open_run
 
     if args.out is None and args.npz is None:
@@ -351,8 +357,11 @@ def cmd_sample(args) -> int:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
     set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler,
                  args.temperature)
-    gen = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
-    samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
+    dev = next(model.parameters()).device
+    check_precision(args.precision, dev)
+    gen = torch.Generator(dev).manual_seed(args.seed)
+    with autocast(dev, args.precision):
+        samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:
         print(save_grid(samples, out))
     if npz:

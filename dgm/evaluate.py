@@ -24,6 +24,7 @@ from dgm.runs import (
     read_metrics,
     save_evaluation,
 )
+from dgm.train import autocast, check_precision
 from dgm.zoo import open_run
 
 __all__ = ["draw_pictures", "evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae",
@@ -147,7 +148,7 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  dequant_samples: int = 1, time_samples: int = 8,
                  num_samples: int = 10000, sample_steps: int | None = None,
                  sample_rho: float | None = None, sampler: str | None = None,
-                 temperature: float | None = None) -> dict:
+                 temperature: float | None = None, precision: str = "fp32") -> dict:
     """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
 
     Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
@@ -160,7 +161,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     samples; other models get them too with ``sample_quality``. ``sampler``,
     ``sample_steps`` and ``sample_rho`` set a diffusion model's sampler, denoising steps and
     their spacing for those samples; ``temperature`` a GAN's or flow's prior standard
-    deviation.
+    deviation; ``precision`` bf16 draws those samples under bf16 autocast (the likelihoods
+    stay fp32).
     """
     run = Path(run)
     ctx, dev = setup(resolve_device(device))
@@ -168,16 +170,17 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
         return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
                              checkpoint, quiet or not ctx.is_main, sample_quality, naive,
                              dequant_samples, time_samples, num_samples, sample_steps,
-                             sample_rho, sampler, temperature, ctx)
+                             sample_rho, sampler, temperature, precision, ctx)
     finally:
         ctx.close()
 
 
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
                   quiet, sample_quality, naive, dequant_samples, time_samples, num_samples,
-                  sample_steps, sample_rho, sampler, temperature, ctx):
+                  sample_steps, sample_rho, sampler, temperature, precision, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     set_sampling(model, name, run, sample_steps, sample_rho, sampler, temperature)
+    check_precision(precision, next(model.parameters()).device)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
     data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline
@@ -218,7 +221,7 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
                                     "classifier needs"
     elif name == "gan" or sample_quality:
         results |= evaluate_quality(model, cfg, x.to(dev), y.to(dev), data_dir, offline, quiet,
-                                    features, num_samples)
+                                    features, num_samples, precision)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     key = f"{split} ({checkpoint}" + (f", k={iw_samples})" if name == "vae" else
                                       f", dequantisation draws={dequant_samples})"
@@ -229,7 +232,8 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
         key = key[:-1] + f", samples={num_samples})"
     # Samples drawn otherwise than the run's own way are scored under a key of their own.
     for label, value in (("sample steps", sample_steps), ("sample rho", sample_rho),
-                         ("sampler", sampler), ("temperature", temperature)):
+                         ("sampler", sampler), ("temperature", temperature),
+                         ("precision", None if precision == "fp32" else precision)):
         if "frechet" in results and value is not None:
             shown = f"{value:g}" if isinstance(value, float) else value
             key = key[:-1] + f", {label}={shown})"
@@ -383,7 +387,7 @@ def evaluate_diffusion(model, x_uint8: torch.Tensor, time_samples: int = 8,
 def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
                      data_dir: str | None = None, offline: bool = False,
                      quiet: bool = False, features: tuple | None = None,
-                     n_samples: int = 10000) -> dict:
+                     n_samples: int = 10000, precision: str = "fp32") -> dict:
     """Frechet and kernel distances, precision and recall and the Parzen log-likelihood of
     a model's samples against the test images, in ``features`` (the data set's shipped
     network and its description), else in a network trained on the run's training split
@@ -403,6 +407,7 @@ def evaluate_quality(model, cfg, x_uint8: torch.Tensor, labels: torch.Tensor,
                   "trained on the training split once, then cached", file=sys.stderr)
         features = local_feature_net(cfg.dataset, train_x, train_y, quiet=quiet)
     gen = torch.Generator(dev).manual_seed(EVAL_SEED)
-    fakes = draw_samples(lambda n, g: model.sample(n, generator=g), n_samples, gen)
+    with autocast(dev, precision):
+        fakes = draw_samples(lambda n, g: model.sample(n, generator=g), n_samples, gen)
     return sample_quality(fakes, features, (x_uint8, labels), train_x, val_x.to(dev),
                           seed=EVAL_SEED)

@@ -64,7 +64,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
 
 
-def _check_precision(precision: str, device: torch.device) -> None:
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse bf16 in one line where the hardware would only emulate it."""
     if precision != "bf16":
         return
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -120,7 +121,7 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
 
 
 def _train(model_name, cfg, run, resume, quiet, ctx, device):
-    _check_precision(cfg.precision, device)
+    check_precision(cfg.precision, device)
     if cfg.batch_size % ctx.world:
         raise DgmError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
                        "processes; each takes an equal part of every batch")

@@ -51,6 +51,8 @@ COMMAND_CHOICES = {
     ("export", "--checkpoint"): {"best", "last"},
     ("sample", "--sampler"): {"ddim", "ddpm"},
     ("evaluate", "--sampler"): {"ddim", "ddpm"},  # each diffusion run below scores the other
+    ("sample", "--precision"): {"fp32", "bf16"},
+    ("evaluate", "--precision"): {"fp32", "bf16"},
 }
 
 
@@ -191,6 +193,21 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
     scored = json.loads((run / "evaluation.json").read_text())
     assert any("samples=100)" in key and scored[key]["frechet"]["n_generated"] == 100
                for key in scored)
+    # Samples drawn under bf16 autocast where the hardware has it, scored under their own key.
+    possible, fix = NEEDS[("precision", "bf16")]
+    for precision in ("fp32", "bf16"):
+        picture = tmp_path / f"s-{precision}.png"
+        for argv in (["sample", str(run), "-n", "4", "--out", str(picture)],
+                     ["evaluate", str(run), "--iw-samples", "3", "--time-samples", "2",
+                      "--sample-quality", "--num-samples", "100"]):
+            if precision == "bf16" and not possible:
+                assert_one_line(capsys, [*argv, "--precision", precision], fix)
+            else:
+                assert_ok(capsys, [*argv, "--precision", precision])
+        if possible or precision == "fp32":
+            pictures.append(picture)
+    keys = json.loads((run / "evaluation.json").read_text())
+    assert any("precision=bf16)" in key for key in keys) == possible
     if model == "diffusion":  # its samples' scores at another number of steps, kept apart
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-steps", "2"])
