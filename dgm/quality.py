@@ -175,9 +175,10 @@ def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
     them from a model); ``features`` is a network and its description from
     :mod:`dgm.features`; ``test`` is (uint8 images, labels) on the device to use,
     ``train_x`` and ``val`` uint8 images. The floors score as many training images as there
-    are test images, drawn with ``seed`` alone (so they do not depend on the sampler): what a
-    perfect sampler would score, given the finite sample sizes; ``val`` chooses the Parzen
-    bandwidth.
+    are generated ones (so a floor at 5000 samples is the floor at 5000: the distances'
+    small-sample bias and the neighbourhoods of precision and recall depend on the count),
+    drawn with ``seed`` alone (so they do not depend on the sampler): what a perfect sampler
+    would score, given the finite sample sizes; ``val`` chooses the Parzen bandwidth.
     """
     test_x, test_y = test
     net, info = features
@@ -186,7 +187,7 @@ def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
     n_samples = len(fakes)
     cite = f"{info['name']} sha256:{info['sha256'][:16]}"
     gen = torch.Generator(train_x.device).manual_seed(seed)
-    ref_idx = torch.randperm(len(train_x), generator=gen, device=train_x.device)[:len(test_x)]
+    ref_idx = torch.randperm(len(train_x), generator=gen, device=train_x.device)[:n_samples]
     f_test, f_fake = extract_features(net, test_x), extract_features(net, fakes)
     f_ref = extract_features(net, train_x[ref_idx])
     n_test, k = len(test_x), 3
@@ -205,8 +206,8 @@ def sample_quality(fakes: torch.Tensor, features: tuple[FeatureNet, dict],
     scores["frechet"] = score(
         "frechet", ("distance", "real_reference"),
         lambda: (frechet_distance(f_test, f_fake), frechet_distance(f_test, f_ref)),
-        n_generated=n_samples, n_test=n_test, features=cite)
-    m = min(1000, n_test, n_samples)  # the floor on subsets of the same size as the score
+        n_generated=n_samples, n_test=n_test, n_reference=len(ref_idx), features=cite)
+    m = min(1000, n_test, n_samples, len(ref_idx))  # floor and score on subsets of one size
     scores["kid"] = score(
         "kid", ("mean", "std", "real_reference", "real_reference_std"),
         lambda: (*kernel_distance(f_test, f_fake, subset_size=m, seed=seed),

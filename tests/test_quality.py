@@ -214,6 +214,14 @@ def test_sample_quality_is_reproducible_and_cites_its_features(fashion):
     assert math.isfinite(first["kid"]["std"]) and first["kid"]["std"] > 0
     # Training images score like the real-against-real floor.
     assert first["frechet"]["distance"] < 3 * first["frechet"]["real_reference"] + 1
+    # The floor scores as many training images as there are samples, drawn by the seed
+    # alone (planted bug: as many as test images, the floor at another sample count).
+    net = shipped_feature_net("fashion-mnist")[0]
+    ref = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
+                  [:400]]
+    assert first["frechet"]["n_reference"] == 400 < len(test_x)
+    assert first["frechet"]["real_reference"] == pytest.approx(
+        frechet_distance(extract_features(net, test_x), extract_features(net, ref)), rel=1e-9)
 
 
 def test_parzen_matches_direct_formula_and_ranks_samples(fashion):
