@@ -525,6 +525,25 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+def _model_of_config(argv: list[str]) -> list[str]:
+    """``train [flags] --config FILE [flags]`` with no model named -> ``train MODEL ...``,
+    MODEL from the file's ``model:`` (every recipe and run config has one)."""
+    if argv[:1] != ["train"] or len(argv) < 2 or not argv[1].startswith("-") \
+            or argv[1] in ("-h", "--help", "--model") or argv[1].startswith("--model="):
+        return argv
+    paths = [b for a, b in zip(argv[1:], argv[2:], strict=False) if a == "--config"] + \
+        [a.partition("=")[2] for a in argv[1:] if a.startswith("--config=")]
+    if not paths:
+        return argv
+    from dgm.runs import read_yaml
+
+    model = read_yaml(paths[-1]).get("model")
+    if not isinstance(model, str):
+        raise DgmError(f"{paths[-1]} names no model; name it: dgm train MODEL --config "
+                       f"{paths[-1]}")
+    return ["train", model, *argv[1:]]
+
+
 def _own_model(argv: list[str]) -> tuple[str | None, list[str]]:
     """``train --model PATH ...`` -> (PATH, ``train PATH ...``); ``train PATH ...`` with a
     ":" in PATH -> (PATH, argv); otherwise (None, argv)."""
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         with interrupts.held():
-            own, argv = _own_model(argv)
+            own, argv = _own_model(_model_of_config(argv))
             args = build_parser(own).parse_args(argv)
             _import_libraries()
         return args.func(args)

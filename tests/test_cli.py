@@ -87,6 +87,20 @@ def test_yaml_config_and_flags_win(fake_data_dir, tmp_path):
     assert saved["latent_dim"] == 4 and saved["hidden_dim"] == 32 and saved["epochs"] == 1
 
 
+def test_a_config_names_its_model(fake_data_dir, tmp_path, capsys):
+    """`dgm train --config FILE` trains the model that FILE's `model:` names, as every recipe
+    and run config has one; a file without one is a one-line error."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: vae\nlatent_dim: 3\nepochs: 1\n")
+    argv = vae(fake_data_dir, tmp_path / "run", "--config", str(cfg))
+    assert main(["train", *argv[2:]]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["latent_dim"] == 3
+    assert main(["train", f"--config={cfg}", *argv[2:-2], "--out", str(tmp_path / "r2")]) == 0
+    cfg.write_text("latent_dim: 3\n")
+    one_line_error(capsys, 1, ["train", "--config", str(cfg)], "names no model")
+    assert not (tmp_path / "r3").exists()
+
+
 @pytest.mark.parametrize("argv", [[], ["train"], ["train", "vae"], ["train", "gan"],
                                   ["train", "flow"], ["train", "diffusion"], ["evaluate"],
                                   ["sample"], ["manifold"], ["interpolate"], ["report"], ["data"]])
