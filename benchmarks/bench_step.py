@@ -5,7 +5,7 @@ this machine: img/s of each variant in one run, timed in alternating windows (be
     python benchmarks/bench_step.py [--recipes vae,gan,flow,diffusion]
         [--variants fp32,bf16,bf16+cl,bf16+compile] [--seconds 10] [--repeats 3] [--threads 0]
 
-A variant is a precision (fp32, or bf16: the trainer's autocast, ``dgm.train.autocast``)
+A variant is a precision (fp32, or bf16: the trainer's autocast, ``dgm.distributed.autocast``)
 with optional ``+cl`` (the networks and the batch in channels-last, the layout oneDNN
 then runs its convolutions in) and ``+compile`` (each child network compiled, as
 ``--compile`` does in ``dgm.train._loop``; its compile time is left out of the windows and
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dgm.bench import _timed, matmul_rate, model_and_batch, read_recipe
-from dgm.train import autocast, cpu_has_native_bf16
+from dgm.distributed import autocast, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

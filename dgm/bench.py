@@ -17,10 +17,10 @@ import torch
 
 from dgm.config import TrainConfig, from_dict
 from dgm.data.splits import parse_split, slice_of
+from dgm.distributed import autocast, cpu_has_native_bf16
 from dgm.errors import DgmError
 from dgm.models import build_model
 from dgm.runs import read_yaml
-from dgm.train import autocast, cpu_has_native_bf16
 
 __all__ = ["bench", "matmul_rate", "model_and_batch", "read_recipe", "recipe_files"]
 

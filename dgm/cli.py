@@ -338,11 +338,11 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
+    from dgm.distributed import autocast, check_precision
     from dgm.evaluate import load_model, set_sampling
     from dgm.plots import save_grid
     from dgm.quality import draw_samples
     from dgm.runs import atomic_write
-    from dgm.train import autocast, check_precision
     from dgm.zoo import open_run
 
     if args.out is None and args.npz is None:

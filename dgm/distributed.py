@@ -9,11 +9,14 @@ A model that clips gradients inside ``training_step`` clips its rank's gradient
 before the average; with the clip inactive (its usual state) this changes nothing.
 """
 
+import contextlib
 import datetime
 import os
+import re
 import socket
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,7 +24,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dgm.errors import DgmError
 
-__all__ = ["Context", "resolve_device", "setup"]
+__all__ = ["Context", "autocast", "check_precision", "cpu_has_native_bf16", "resolve_device",
+           "setup"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,3 +188,36 @@ def _torchrun_env() -> tuple[int, int, int] | None:
         raise DgmError(f"RANK {rank} is outside 0..{world - 1} (WORLD_SIZE {world}); start dgm "
                        "with torchrun, which sets both")
     return rank, world, local_rank
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``--precision bf16``: the networks' matrix products and convolutions
+    run in bf16; each model takes its networks' outputs back to fp32 for what it cites (the
+    flow's affine maps and log-determinants, the ELBO and IWAE sums, the GAN's losses)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX, from the kernel's CPU
+    flags, or the text of a /proc/cpuinfo given); elsewhere bf16 is emulated and slower
+    than fp32."""
+    try:
+        info = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse bf16 in one line where the hardware would only emulate it."""
+    if precision != "bf16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DgmError("--precision bf16 needs a GPU with bf16 support, which this one lacks; "
+                       "use --precision fp32")
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        raise DgmError("--precision bf16 on the CPU needs native bf16 (AVX512-BF16 or AMX), "
+                       "which this CPU lacks (it would be emulated, slower than fp32); use "
+                       "--precision fp32")

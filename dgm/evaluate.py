@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from dgm.data import load_split, read_samples, split_overlap
-from dgm.distributed import Context, resolve_device, setup
+from dgm.distributed import Context, autocast, check_precision, resolve_device, setup
 from dgm.errors import DgmError
 from dgm.features import SHIPPED, local_feature_net, shipped_feature_net
 from dgm.maths import bits_per_dim
@@ -24,7 +24,6 @@ from dgm.runs import (
     read_metrics,
     save_evaluation,
 )
-from dgm.train import autocast, check_precision
 from dgm.zoo import open_run
 
 __all__ = ["draw_pictures", "evaluate_flow", "evaluate_quality", "evaluate_run", "evaluate_vae",

@@ -4,10 +4,8 @@ Each model owns its update rule (``configure_optimizers``, ``training_step``,
 ``validation_step``, ``prepare``); this module owns everything around it.
 """
 
-import contextlib
 import dataclasses
 import math
-import re
 import signal
 import sys
 import time
@@ -21,7 +19,13 @@ from tqdm import tqdm
 from dgm import interrupts
 from dgm.config import TrainConfig
 from dgm.data import load_split, split_overlap
-from dgm.distributed import Context, resolve_device, setup
+from dgm.distributed import (
+    Context,
+    autocast,
+    check_precision,
+    resolve_device,
+    setup,
+)
 from dgm.errors import DgmError
 from dgm.models import MODELS, build_model
 from dgm.plots import epoch_pictures, plot_curves
@@ -43,39 +47,6 @@ from dgm.runs import (
 from dgm.threads import ThreadPolicy
 
 __all__ = ["MODELS", "build_model", "resolve_device", "train"]
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``--precision bf16``: the networks' matrix products and convolutions
-    run in bf16; each model takes its networks' outputs back to fp32 for what it cites (the
-    flow's affine maps and log-determinants, the ELBO and IWAE sums, the GAN's losses)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX, from the kernel's CPU
-    flags, or the text of a /proc/cpuinfo given); elsewhere bf16 is emulated and slower
-    than fp32."""
-    try:
-        info = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse bf16 in one line where the hardware would only emulate it."""
-    if precision != "bf16":
-        return
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DgmError("--precision bf16 needs a GPU with bf16 support, which this one lacks; "
-                       "use --precision fp32")
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        raise DgmError("--precision bf16 on the CPU needs native bf16 (AVX512-BF16 or AMX), "
-                       "which this CPU lacks (it would be emulated, slower than fp32); use "
-                       "--precision fp32")
-
 
 class NonFiniteLoss(DgmError):
     pass

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dgm.cli import build_parser, main
 from dgm.config import CONFIGS, field_type
-from dgm.train import cpu_has_native_bf16
+from dgm.distributed import cpu_has_native_bf16
 
 TINY = {
     "vae": ["--hidden-dim", "16", "--latent-dim", "2"],

@@ -9,11 +9,11 @@ import torch
 from test_cli import one_line_error, vae
 from test_flow import flat_jacobian_logdets, perturbed
 
-import dgm.train
+import dgm.distributed
 from dgm.cli import main
+from dgm.distributed import cpu_has_native_bf16
 from dgm.models import GAN, VAE, RealNVP
 from dgm.runs import read_metrics
-from dgm.train import cpu_has_native_bf16
 
 
 def bf16():
@@ -28,7 +28,7 @@ def test_native_bf16_is_read_from_the_cpu_flags():
 
 
 def test_bf16_is_refused_on_a_cpu_without_it(fake_data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dgm.train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(dgm.distributed, "cpu_has_native_bf16", lambda: False)
     one_line_error(capsys, 1, vae(fake_data_dir, tmp_path / "r", "--precision", "bf16",
                                   "--device", "cpu"), "needs native bf16 (AVX512-BF16 or AMX)")
     assert not (tmp_path / "r").exists()
@@ -42,7 +42,7 @@ TINY = {"vae": ["--hidden-dim", "32"], "gan": ["--latent-dim", "8"],
 def test_every_model_trains_in_bf16_where_the_cpu_has_it(model, fake_data_dir, tmp_path,
                                                          monkeypatch):
     """Run on any CPU (bf16 is emulated where it is not native, which is only slower)."""
-    monkeypatch.setattr(dgm.train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dgm.distributed, "cpu_has_native_bf16", lambda: True)
     run = tmp_path / "r"
     assert main(["train", model, "--dataset", "mnist", "--data-dir", str(fake_data_dir),
                  "--offline", "--train-split", "train[:128]", "--val-split", "test[:64]",
@@ -98,7 +98,7 @@ def test_vae_and_gan_cite_fp32_under_bf16_autocast():
 def test_samples_are_drawn_in_bf16_on_request(fake_data_dir, tmp_path, monkeypatch):
     """`dgm sample --precision bf16` runs the generator in bf16: the same noise gives images
     close to fp32's and not equal to them (planted bug: the option ignored)."""
-    monkeypatch.setattr(dgm.train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dgm.distributed, "cpu_has_native_bf16", lambda: True)
     run = tmp_path / "r"
     assert main(["train", "gan", "--dataset", "mnist", "--data-dir", str(fake_data_dir),
                  "--offline", "--train-split", "train[:64]", "--val-split", "test[:32]",
