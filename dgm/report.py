@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dgm.errors import DgmError
 from dgm.plots import plot_compare
-from dgm.runs import HTML_MARK, atomic_write, is_dgm_run, read_evaluations, read_metrics, read_yaml
+from dgm.runs import HTML_HEAD, atomic_write, is_dgm_run, read_evaluations, read_metrics, read_yaml
 
 __all__ = ["write_report"]
 
@@ -124,8 +124,7 @@ def _run_sections(run: Path, info: dict) -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">{HTML_MARK}'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+    return (f'{HTML_HEAD}<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
             f"<script>{CHECK}</script></head><body><h1>{html.escape(title)}</h1>{body}"
             "</body></html>")

@@ -54,10 +54,13 @@ def _free_space(folder: Path) -> str:
         free /= 1024
 
 
-# What dgm writes at an --out path says so near its start (a PNG text chunk, an HTML meta
-# tag), so that dgm replaces its own pictures and pages there and never a file of yours.
+# What dgm writes at an --out path says so where dgm puts it (a PNG text chunk, the head of
+# its page), so that dgm replaces its own pictures and pages there and never a file of
+# yours: not a page that merely quotes the mark, nor a file that only contains its bytes.
 PNG_MARK = ("Software", "dgm")
-HTML_MARK = '<meta name="generator" content="dgm">'
+HTML_HEAD = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+             '<meta name="generator" content="dgm">')
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def dgm_wrote(path: Path) -> bool:
@@ -67,8 +70,10 @@ def dgm_wrote(path: Path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    png = b"tEXt" + PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode()
-    return png in head or HTML_MARK.encode() in head
+    text = PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode()
+    chunk = len(text).to_bytes(4, "big") + b"tEXt" + text  # the whole chunk, length and all
+    return ((head.startswith(_PNG_SIGNATURE) and chunk in head)
+            or head.startswith(HTML_HEAD.encode()))
 
 
 def atomic_write(path: str | Path, write: Callable[[io.IOBase], None], mode: str = "wb",

@@ -235,22 +235,38 @@ def test_out_is_never_a_foreign_folder(fake_data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["sample", "interpolate", "manifold", "report"])
 def test_out_replaces_only_what_dgm_wrote(run, tmp_path, capsys, command):
-    """--out at a file of yours (a PNG or page that another program wrote) is refused and
-    the file kept; a file that dgm wrote there is replaced. Planted bug it catches: --out
-    not checked (every file replaced, as before)."""
+    """--out at a file of yours (a PNG or page that another program wrote, even one that
+    quotes dgm's mark) is refused and the file kept; a file that dgm wrote there is
+    replaced. Planted bugs it catches: --out not checked (every file replaced, as before);
+    the mark looked for anywhere in the file's start (as before: a page of notes about dgm
+    was replaced)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from dgm.runs import dgm_wrote
 
     suffix = ".html" if command == "report" else ".png"
-    theirs = tmp_path / f"theirs{suffix}"
+    theirs = []
+    for i in range(3):
+        theirs.append(tmp_path / f"theirs{i}{suffix}")
     if suffix == ".png":
-        Image.new("L", (8, 8)).save(theirs)
+        Image.new("L", (8, 8)).save(theirs[0])
+        info = PngInfo()  # another program's picture, whose comment quotes dgm's chunk
+        info.add_text("Comment", "made beside tEXtSoftware\0dgm")
+        Image.new("L", (8, 8)).save(theirs[1], pnginfo=info)
+        theirs[2].write_bytes(b"notes: dgm's PNGs hold \0\0\0\x0ctEXtSoftware\0dgm")
     else:
-        theirs.write_text('<!doctype html><html><head><meta name="generator" content="x">')
-    before = theirs.read_bytes()
-    one_line_error(capsys, 1, [command, str(run), "--out", str(theirs)], "dgm did not write it")
-    assert theirs.read_bytes() == before
+        theirs[0].write_text('<!doctype html><html><head><meta name="generator" content="x">')
+        theirs[1].write_text('<!doctype html><html><head><title>notes</title></head><body>'
+                             'dgm marks its pages <meta name="generator" content="dgm"></body>')
+        theirs[2].write_text('<p>dgm\'s page starts <!doctype html><html lang="en"><head>'
+                             '<meta charset="utf-8"><meta name="generator" content="dgm">')
+    for path in theirs:
+        before = path.read_bytes()
+        assert not dgm_wrote(path)
+        one_line_error(capsys, 1, [command, str(run), "--out", str(path)],
+                       "dgm did not write it")
+        assert path.read_bytes() == before
     if command == "manifold":
         return  # this run's latent is not 2-d; the refusal came first all the same
     ours = tmp_path / f"ours{suffix}"
