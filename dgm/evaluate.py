@@ -119,6 +119,7 @@ def score_samples(path: str | Path, dataset: str, split: str = "test",
     if dataset not in SHIPPED:
         raise DgmError(f"dgm score rates samples in a data set's shipped feature network, and "
                        f"{dataset!r} has none; give --dataset {' or '.join(SHIPPED)}")
+    dev = resolve_device(device)  # a bad --device fails before any file is read
     features = shipped_feature_net(dataset)
     fakes = read_samples(path)
     x, y = load_split(dataset, split, data_dir, offline)
@@ -128,7 +129,6 @@ def score_samples(path: str | Path, dataset: str, split: str = "test",
     if len(fakes) < 4:
         raise DgmError(f"{path} holds {len(fakes)} images; scores need at least 4 (precision "
                        "and recall need k + 1 = 4), and 10000 are the usual count")
-    dev = resolve_device(device)
     train_x, _ = load_split(dataset, train_split, data_dir, offline)
     val_x, _ = load_split(dataset, val_split, data_dir, offline)
     t0 = time.perf_counter()
