@@ -3,6 +3,7 @@
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from conftest import write_idx
 from test_cli import vae
 
 from dgm.cli import main
+from dgm.runs import read_metrics
 
 
 @pytest.fixture
@@ -102,13 +104,25 @@ def test_data_check_finds_a_corrupt_file(fake_data_dir, capsys):
     assert "BAD" in captured.out and "failed the check" in captured.err
 
 
-def test_tensorboard_logs_or_says_how_to_install(fake_data_dir, tmp_path, capsys):
+def test_tensorboard_logs_or_says_how_to_install(fake_data_dir, tmp_path, capsys, monkeypatch):
+    """--tensorboard logs each epoch's metrics and sample grid (read back from the event
+    file), and without the package ends in one line that says how to install it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run = tmp_path / "run"
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        assert main(vae(fake_data_dir, run, "--epochs", "1", "--tensorboard")) == 1
-        assert "pip install tensorboard" in capsys.readouterr().err
-    else:
-        assert main(vae(fake_data_dir, run, "--epochs", "1", "--tensorboard")) == 0
-        assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert main(vae(fake_data_dir, run, "--epochs", "2", "--tensorboard")) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    metrics = read_metrics(run)
+    assert len(metrics) == 2 and "val_elbo" in metrics[0]
+    for name in metrics[0]:  # every column of metrics.csv, each epoch
+        logged = events.Scalars(name)
+        assert [e.step for e in logged] == [1, 2]
+        assert [e.value for e in logged] == pytest.approx([m[name] for m in metrics])
+    grids = sorted(int(p.stem[len("epoch_"):]) for p in (run / "samples").glob("epoch_*.png"))
+    assert grids[-1] == 2  # every grid the run saved after training began is logged too
+    assert [e.step for e in events.Images("samples")] == [e for e in grids if e > 0]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    assert main(vae(fake_data_dir, tmp_path / "r2", "--epochs", "1", "--tensorboard")) == 1
+    err = capsys.readouterr().err
+    assert "pip install tensorboard" in err and len(err.strip().splitlines()) == 1
