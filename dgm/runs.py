@@ -61,6 +61,8 @@ PNG_MARK = ("Software", "dgm")
 HTML_HEAD = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
              '<meta name="generator" content="dgm">')
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT = PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode()
+_PNG_CHUNK = len(_PNG_TEXT).to_bytes(4, "big") + b"tEXt" + _PNG_TEXT  # length and all
 
 
 def dgm_wrote(path: Path) -> bool:
@@ -70,9 +72,7 @@ def dgm_wrote(path: Path) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    text = PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode()
-    chunk = len(text).to_bytes(4, "big") + b"tEXt" + text  # the whole chunk, length and all
-    return ((head.startswith(_PNG_SIGNATURE) and chunk in head)
+    return ((head.startswith(_PNG_SIGNATURE) and _PNG_CHUNK in head)
             or head.startswith(HTML_HEAD.encode()))
 
 

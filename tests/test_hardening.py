@@ -246,9 +246,7 @@ def test_out_replaces_only_what_dgm_wrote(run, tmp_path, capsys, command):
     from dgm.runs import dgm_wrote
 
     suffix = ".html" if command == "report" else ".png"
-    theirs = []
-    for i in range(3):
-        theirs.append(tmp_path / f"theirs{i}{suffix}")
+    theirs = [tmp_path / f"theirs{i}{suffix}" for i in range(3)]
     if suffix == ".png":
         Image.new("L", (8, 8)).save(theirs[0])
         info = PngInfo()  # another program's picture, whose comment quotes dgm's chunk
