@@ -2,12 +2,12 @@
 offer, or from its averaged ones, as an .npz that `dgm score` reads. One thread; pin it:
 
     taskset -c 0 python benchmarks/diffusion_samples.py RUN OUT.npz [--weights raw]
-        [--sampler ddim|ddpm] [--steps 25] [--rho 0] [-n 1000] [--seed 1234]
+        [--sampler ddim|ddpm] [--steps 25] [--rho 0] [--eta 0] [-n 1000] [--seed 1234]
     dgm score OUT.npz --dataset fashion-mnist --json
 
 The images are drawn as `dgm sample` draws them, so with --weights averaged they are
 exactly `dgm sample RUN --checkpoint last -n N --seed S
---sample-steps STEPS --sample-rho RHO`'s.
+--sample-steps STEPS --sample-rho RHO --sample-eta ETA`'s.
 """
 
 import argparse
@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--rho", type=float, default=0.0, help="the sampler's --sample-rho")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, the --sample-eta")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
@@ -38,6 +40,7 @@ def main() -> None:
         path = Path(a.run) / "checkpoints" / "last.pt"
         load_weights(model, load_checkpoint(path, name, map_location="cpu"), path)
     model.sampler, model.sample_steps, model.sample_rho = a.sampler, a.steps, a.rho
+    model.sample_eta = a.eta
     print(f"{a.weights} weights, {a.sampler}, t grid "
           f"{np.round(model.time_grid(a.steps), 3).tolist()}")
     g = torch.Generator().manual_seed(a.seed)

@@ -224,6 +224,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                         "Karras et al.'s (default: the run's --sample-rho)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"),
                    help="diffusion: DDIM or ancestral sampling (default: the run's)")
+    p.add_argument("--sample-eta", type=float, metavar="ETA",
+                   help="diffusion, DDIM: 0 = deterministic, 1 = the ancestral sampler's "
+                        "noise (default: the run's --sample-eta)")
     p.add_argument("--temperature", type=float, metavar="T",
                    help="GAN and flow: standard deviation of the prior, below 1 for "
                         "fidelity over variety (default: the run's --temperature)")
@@ -310,7 +313,7 @@ def cmd_evaluate(args) -> int:
                                time_samples=args.time_samples, num_samples=args.num_samples,
                                sample_steps=args.sample_steps, sample_rho=args.sample_rho,
                                sampler=args.sampler, temperature=args.temperature,
-                               precision=args.precision)
+                               precision=args.precision, sample_eta=args.sample_eta)
     if results is None:  # a torchrun rank other than 0
         return 0
     if args.json:
@@ -356,7 +359,7 @@ def cmd_sample(args) -> int:
     with open_run(args.run) as run:
         name, _, model, _ = load_model(run, args.checkpoint, args.device)
     set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler,
-                 args.temperature)
+                 args.temperature, args.sample_eta)
     dev = next(model.parameters()).device
     check_precision(args.precision, dev)
     gen = torch.Generator(dev).manual_seed(args.seed)

@@ -110,6 +110,8 @@ class GANConfig(TrainConfig):
     d_hidden_dim: int | None = opt(None, "base channels of the conv discriminator alone "
                                          "(default: --hidden-dim), as DCGAN's ndf",
                                    min=1, max=MAX_WIDTH)
+    num_blocks: int = opt(0, "extra 3x3 convolutions at each resolution of the conv generator "
+                             "and discriminator (0 = DCGAN's depth)", min=0, max=16)
     loss: str = opt("ns", "adversarial loss: non-saturating from logits (ns), hinge (Miyato et "
                           "al., 2018) or WGAN-GP (wgan-gp; Gulrajani et al., 2017)",
                     choices=("ns", "hinge", "wgan-gp"))
@@ -185,6 +187,9 @@ class DiffusionConfig(TrainConfig):
                                  "0 = sigma spaced as Karras et al. (2022) with that rho, more "
                                  "steps at high noise the smaller it is (3 scored best here)",
                             min=0.0, max=100.0)
+    sample_eta: float = opt(0.0, "DDIM's eta (--sampler ddim): 0 = deterministic, 1 = the "
+                                 "ancestral sampler's noise, between them part of it",
+                            min=0.0, max=1.0)
     compile: bool = opt(False, "torch.compile the networks (a few minutes up front on a CPU, "
                                "then about 1.2x faster; BENCHMARKS.md)")
     lr: float = opt(5e-4, "Adam learning rate", min=0.0)

@@ -53,13 +53,16 @@ def load_model(run: str | Path, checkpoint: str = "best", device: str = "auto"):
 
 
 def set_sampling(model, name: str, run, steps: int | None = None, rho: float | None = None,
-                 sampler: str | None = None, temperature: float | None = None) -> None:
+                 sampler: str | None = None, temperature: float | None = None,
+                 eta: float | None = None) -> None:
     """How a model draws its samples, in place of the run's own: a diffusion model's sampler,
-    denoising steps and their spacing (``--sampler``, ``--sample-steps``, ``--sample-rho``), a
-    GAN's or flow's prior standard deviation (``--temperature``). None keeps the run's."""
+    denoising steps, their spacing and DDIM's eta (``--sampler``, ``--sample-steps``,
+    ``--sample-rho``, ``--sample-eta``), a GAN's or flow's prior standard deviation
+    (``--temperature``). None keeps the run's."""
     for flag, value, attr, kind in (("--sample-steps", steps, "sample_steps", "diffusion"),
                                     ("--sample-rho", rho, "sample_steps", "diffusion"),
                                     ("--sampler", sampler, "sample_steps", "diffusion"),
+                                    ("--sample-eta", eta, "sample_steps", "diffusion"),
                                     ("--temperature", temperature, "temperature", "GAN and flow")):
         if value is not None and not hasattr(model, attr):
             raise DgmError(f"{flag} is for {kind} runs, and {run} holds a {name}")
@@ -69,8 +72,13 @@ def set_sampling(model, name: str, run, steps: int | None = None, rho: float | N
         raise DgmError("--sample-rho must lie in 0..100")
     if temperature is not None and not 0 <= temperature <= 100:
         raise DgmError("--temperature must lie in 0..100")
+    if eta is not None and not 0 <= eta <= 1:
+        raise DgmError("--sample-eta must lie in 0..1")
+    if eta is not None and (sampler or model.sampler) != "ddim":
+        raise DgmError("--sample-eta is DDIM's, and these samples are ancestral (ddpm): give "
+                       "--sampler ddim too")
     for attr, value in (("sample_steps", steps), ("sample_rho", rho), ("sampler", sampler),
-                        ("temperature", temperature)):
+                        ("temperature", temperature), ("sample_eta", eta)):
         if value is not None:
             setattr(model, attr, value)
 
@@ -147,7 +155,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
                  dequant_samples: int = 1, time_samples: int = 8,
                  num_samples: int = 10000, sample_steps: int | None = None,
                  sample_rho: float | None = None, sampler: str | None = None,
-                 temperature: float | None = None, precision: str = "fp32") -> dict:
+                 temperature: float | None = None, precision: str = "fp32",
+                 sample_eta: float | None = None) -> dict:
     """Compute a run's test metrics, add them to ``run/evaluation.json`` and return them.
 
     Each evaluation is kept under a key that says what it measured (split, checkpoint, k),
@@ -158,8 +167,8 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
 
     GAN runs get the sample-quality scores of :mod:`dgm.quality`, from ``num_samples``
     samples; other models get them too with ``sample_quality``. ``sampler``,
-    ``sample_steps`` and ``sample_rho`` set a diffusion model's sampler, denoising steps and
-    their spacing for those samples; ``temperature`` a GAN's or flow's prior standard
+    ``sample_steps``, ``sample_rho`` and ``sample_eta`` set a diffusion model's sampler,
+    denoising steps, their spacing and DDIM's eta for those samples; ``temperature`` a GAN's or flow's prior standard
     deviation; ``precision`` bf16 draws those samples under bf16 autocast (the likelihoods
     stay fp32).
     """
@@ -169,16 +178,16 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
         return _evaluate_run(run, split, iw_samples, batch_size, str(dev), data_dir, offline,
                              checkpoint, quiet or not ctx.is_main, sample_quality, naive,
                              dequant_samples, time_samples, num_samples, sample_steps,
-                             sample_rho, sampler, temperature, precision, ctx)
+                             sample_rho, sampler, temperature, precision, sample_eta, ctx)
     finally:
         ctx.close()
 
 
 def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline, checkpoint,
                   quiet, sample_quality, naive, dequant_samples, time_samples, num_samples,
-                  sample_steps, sample_rho, sampler, temperature, precision, ctx):
+                  sample_steps, sample_rho, sampler, temperature, precision, sample_eta, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
-    set_sampling(model, name, run, sample_steps, sample_rho, sampler, temperature)
+    set_sampling(model, name, run, sample_steps, sample_rho, sampler, temperature, sample_eta)
     check_precision(precision, next(model.parameters()).device)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
@@ -231,7 +240,8 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
         key = key[:-1] + f", samples={num_samples})"
     # Samples drawn otherwise than the run's own way are scored under a key of their own.
     for label, value in (("sample steps", sample_steps), ("sample rho", sample_rho),
-                         ("sampler", sampler), ("temperature", temperature),
+                         ("sampler", sampler), ("sample eta", sample_eta),
+                         ("temperature", temperature),
                          ("precision", None if precision == "fp32" else precision)):
         if "frechet" in results and value is not None:
             shown = f"{value:g}" if isinstance(value, float) else value

@@ -371,6 +371,24 @@ def test_the_samplers_step_through_the_time_grid(sampler, monkeypatch):
     assert grid != [i / 5 for i in range(5, -1, -1)]
 
 
+def test_sample_eta_reaches_every_ddim_step_and_adds_noise():
+    model = tiny_model(sample_steps=3, sampler="ddim")
+    assert model.sample_eta == 0.0  # deterministic DDIM unless asked
+    etas = []
+    original = model.ddim_step
+    model.ddim_step = lambda z, t, s, eta, g: etas.append(eta) or original(z, t, s, eta, g)
+    draws = [model.sample(2, generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    model.sample_eta = 0.5
+    noisy = model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert etas == [0.0] * 6 + [0.5] * 3
+    # eta 0: the same z_1 gives the same image; eta 0.5 draws noise on the way down.
+    torch.testing.assert_close(draws[0], draws[1])
+    assert not torch.allclose(noisy, draws[0])
+    with pytest.raises(DgmError, match="--sample-eta is DDIM's"):
+        Diffusion.from_config(DiffusionConfig(sample_eta=0.5))  # the default sampler is ddpm
+    assert Diffusion.from_config(DiffusionConfig(sample_eta=0.5, sampler="ddim")).sample_eta == 0.5
+
+
 def test_the_documented_defaults():
     """VDM's fixed schedule (-13.3 to 5), the README's U-Net (32 channels, multipliers
     1, 2, 2, one block a level: 1,062,497 parameters), ancestral sampling in 25 steps

@@ -292,8 +292,20 @@ def test_conv_arch_takes_the_data_shape():
         GAN(arch="conv", image_shape=(1, 30, 30))
     with pytest.raises(DgmError, match="mlp arch"):
         GAN(hidden_dim=8)
-    with pytest.raises(DgmError, match="--d-hidden-dim sets the conv arch's channels"):
+    with pytest.raises(DgmError, match="--d-hidden-dim shapes the conv arch's networks"):
         GAN(d_hidden_dim=8)
+    with pytest.raises(DgmError, match="--num-blocks shapes the conv arch's networks"):
+        GAN(num_blocks=1)
+    # --num-blocks: one more 3x3 convolution at each of the three resolutions of each net
+    # (the generator's own 3x3 output convolution besides), the image shapes unchanged.
+    for blocks in (1, 2):
+        deep = GAN(arch="conv", hidden_dim=32, num_blocks=blocks, image_shape=(3, 32, 32))
+        for net, extra in ((deep.generator, 1), (deep.discriminator, 0)):
+            assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+                       for m in net.modules()) == 3 * blocks + extra
+        assert deep.sample(2).shape == (2, 3, 32, 32)
+    deep = GAN(arch="conv", hidden_dim=32, num_blocks=1)
+    assert (n_params(deep.generator), n_params(deep.discriminator)) == (403_537, 140_897)
     # A discriminator as wide as it is set, the generator as before (DCGAN's ngf, ndf).
     wide_d = GAN(arch="conv", hidden_dim=32, d_hidden_dim=64)
     assert n_params(wide_d.discriminator) == 138_561

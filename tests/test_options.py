@@ -147,13 +147,13 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     ("gan", ["--ema", "0.9"]),
     # The conv GAN with each loss and regulariser, averaged, through every command.
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--d-hidden-dim", "12", "--loss", "hinge",
-             "--spectral-norm", "--ema", "0.9"]),
+             "--spectral-norm", "--ema", "0.9", "--num-blocks", "1"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
              "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3"]),
     ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddpm at rho 3
     ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
                    "--sampler", "ddim", "--ema", "0", "--num-res-blocks", "2",
-                   "--sample-rho", "0"]),
+                   "--sample-rho", "0", "--sample-eta", "0.5"]),
 ])
 def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
@@ -178,6 +178,9 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
                 pictures.append(tmp_path / f"s-{sampler}-{checkpoint}.png")
                 assert_ok(capsys, ["sample", str(run), "-n", "4", "--sampler", sampler,
                                    "--out", str(pictures[-1]), *common])
+            pictures.append(tmp_path / f"s-eta-{checkpoint}.png")
+            assert_ok(capsys, ["sample", str(run), "-n", "4", "--sampler", "ddim",
+                               "--sample-eta", "0.3", "--out", str(pictures[-1]), *common])
         if model == "vae":
             pictures.append(tmp_path / f"m-{checkpoint}.png")
             assert_ok(capsys, ["manifold", str(run), "--size", "3", "--out",
@@ -214,14 +217,23 @@ def test_every_command_on_every_model(model, extra, fake_data_dir, tmp_path, cap
         other = "ddpm" if "ddim" in extra else "ddim"
         assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
                            "--num-samples", "100", "--sample-rho", "3", "--sampler", other])
+        assert_ok(capsys, ["evaluate", str(run), "--time-samples", "2", "--sample-quality",
+                           "--num-samples", "100", "--sampler", "ddim", "--sample-eta", "1"])
         keys = json.loads((run / "evaluation.json").read_text())
         assert any("sample steps=2)" in key for key in keys)
         assert any(f"sample rho=3, sampler={other})" in key for key in keys)
+        assert any("sampler=ddim, sample eta=1)" in key for key in keys)
         assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
                                  "--sample-rho", "-1"], "--sample-rho must lie in 0..100")
+        assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
+                                 "--sampler", "ddim", "--sample-eta", "2"],
+                        "--sample-eta must lie in 0..1")
+        assert_one_line(capsys, ["sample", str(run), "--npz", str(tmp_path / "r.npz"),
+                                 "--sampler", "ddpm", "--sample-eta", "0.5"],
+                        "--sample-eta is DDIM's")
     else:
         for flag, value in (("--sample-steps", "2"), ("--sample-rho", "2"),
-                            ("--sampler", "ddpm")):
+                            ("--sampler", "ddpm"), ("--sample-eta", "0.5")):
             assert_one_line(capsys, ["evaluate", str(run), flag, value], "for diffusion runs")
     if model in ("gan", "flow"):  # their samples at another prior spread, scored apart
         pictures.append(tmp_path / "s-t.png")

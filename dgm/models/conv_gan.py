@@ -6,6 +6,11 @@ tanh. Discriminator: two stride-2 4x4 convolutions (c, then 2c channels) with
 LeakyReLU(0.2) -> one linear logit, with no BatchNorm, so that the gradient penalties
 (WGAN-GP, R1), which treat each image on its own, and spectral normalisation apply. With
 c = 64 on 28x28 grey images: 791,777 + 138,561 parameters.
+
+``blocks`` > 0 adds that many 3x3 convolutions (with the same BatchNorm and ReLU in G, the
+same LeakyReLU in D) at each of the three resolutions of both networks, as the "standard
+CNN" of the spectral-norm paper (Miyato et al., 2018) deepens DCGAN's; 0 builds exactly
+the networks above.
 """
 
 import torch
@@ -28,21 +33,25 @@ def check_conv_shape(image_shape: tuple[int, int, int]) -> None:
 class ConvGenerator(nn.Module):
     """z (B, latent_dim) -> images in [-1, 1], (B, C, H, W)."""
 
-    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 64):
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 64,
+                 blocks: int = 0):
         super().__init__()
         check_conv_shape(image_shape)
         c_img, h, w = image_shape
         self.start = (2 * channels, h // 4, w // 4)
-        half = max(channels // 2, 1)
+        widths = (2 * channels, channels, max(channels // 2, 1))  # at H/4, H/2, H
         # No biases before BatchNorm: its shift makes them redundant.
         self.project = nn.Linear(latent_dim, 2 * channels * (h // 4) * (w // 4), bias=False)
-        self.net = nn.Sequential(
-            nn.BatchNorm2d(2 * channels), nn.ReLU(),
-            nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1, bias=False),  # (B, c, H/2, W/2)
-            nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.ConvTranspose2d(channels, half, 4, 2, 1, bias=False),  # (B, c/2, H, W)
-            nn.BatchNorm2d(half), nn.ReLU(),
-            nn.Conv2d(half, c_img, 3, padding=1), nn.Tanh())
+        layers: list[nn.Module] = [nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        for i, width in enumerate(widths):
+            if i:
+                layers += [nn.ConvTranspose2d(widths[i - 1], width, 4, 2, 1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU()]
+            for _ in range(blocks):
+                layers += [nn.Conv2d(width, width, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [nn.Conv2d(widths[-1], c_img, 3, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(self.project(z).view(len(z), *self.start))
@@ -51,14 +60,21 @@ class ConvGenerator(nn.Module):
 class ConvDiscriminator(nn.Module):
     """Images (B, C, H, W) in [-1, 1] -> one logit (or critic score) per image, (B,)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], channels: int = 64):
+    def __init__(self, image_shape: tuple[int, int, int], channels: int = 64, blocks: int = 0):
         super().__init__()
         check_conv_shape(image_shape)
         c_img, h, w = image_shape
-        self.net = nn.Sequential(
-            nn.Conv2d(c_img, channels, 4, 2, 1), nn.LeakyReLU(0.2),  # (B, c, H/2, W/2)
-            nn.Conv2d(channels, 2 * channels, 4, 2, 1), nn.LeakyReLU(0.2),  # (B, 2c, H/4, W/4)
-            nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), 1))
+        layers: list[nn.Module] = []
+        width = c_img
+        for i, out in enumerate((channels, 2 * channels, 2 * channels)):  # at H, H/2, H/4
+            for _ in range(blocks):
+                layers += [nn.Conv2d(width, out, 3, padding=1), nn.LeakyReLU(0.2)]
+                width = out
+            if i < 2:
+                layers += [nn.Conv2d(width, out, 4, 2, 1), nn.LeakyReLU(0.2)]
+                width = out
+        layers += [nn.Flatten(), nn.Linear(width * (h // 4) * (w // 4), 1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(1).to(x.dtype)  # fp32 logits for the losses under bf16

@@ -180,8 +180,10 @@ class Diffusion(nn.Module):
         parameterization: what the network predicts, ``eps`` or ``v`` = alpha eps - sigma x
             (Salimans & Ho, 2022); eps_hat = sigma z + alpha v_hat either way.
         schedule, gamma_min, gamma_max: the noise schedule (:class:`NoiseSchedule`).
-        sampler: ``ddpm`` (ancestral) or ``ddim`` (deterministic, eta = 0), with
-            ``sample_steps`` steps, for :meth:`sample`; :meth:`generate` is always DDIM.
+        sampler: ``ddpm`` (ancestral) or ``ddim``, with ``sample_steps`` steps, for
+            :meth:`sample`; :meth:`generate` is always deterministic DDIM.
+        sample_eta: DDIM's eta in :meth:`sample`: 0 is deterministic, 1 draws what the
+            ancestral step draws, between them part of the ancestral noise.
         sample_rho: where the samplers' steps fall (:meth:`time_grid`): 0, equal steps of t;
             rho > 0, the spacing of Karras et al. (2022).
 
@@ -200,7 +202,8 @@ class Diffusion(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  dropout: float = 0.0, loss: str = "elbo", parameterization: str = "eps",
                  schedule: str = "linear", gamma_min: float = -13.3, gamma_max: float = 5.0,
-                 sampler: str = "ddpm", sample_steps: int = 25, sample_rho: float = 3.0):
+                 sampler: str = "ddpm", sample_steps: int = 25, sample_rho: float = 3.0,
+                 sample_eta: float = 0.0):
         super().__init__()
         for what, value, allowed in (("loss", loss, ("elbo", "simple")),
                                      ("parameterization", parameterization, ("eps", "v")),
@@ -212,6 +215,7 @@ class Diffusion(nn.Module):
         self.num_dims = math.prod(self.image_shape)
         self.loss, self.parameterization = loss, parameterization
         self.sampler, self.sample_steps, self.sample_rho = sampler, sample_steps, sample_rho
+        self.sample_eta = sample_eta
         self.schedule = NoiseSchedule(schedule, gamma_min, gamma_max)
         self.net = UNet(self.image_shape[0], channels, tuple(channel_mults), num_res_blocks,
                         dropout)
@@ -232,12 +236,15 @@ class Diffusion(nn.Module):
                            f"{len(cfg.channel_mults) - 1} times, which needs height and width "
                            f"divisible by {factor}, and these images are {h}x{w}; give fewer "
                            "--channel-mults")
+        if cfg.sample_eta and cfg.sampler != "ddim":
+            raise DgmError(f"--sample-eta is DDIM's, and --sampler is {cfg.sampler}: give "
+                           "--sampler ddim too")
         if not cfg.gamma_min < cfg.gamma_max:
             raise DgmError(f"--gamma-min {cfg.gamma_min} must be below --gamma-max "
                            f"{cfg.gamma_max}")
         return cls(image_shape, cfg.channels, tuple(cfg.channel_mults), cfg.num_res_blocks,
                    cfg.dropout, cfg.loss, cfg.parameterization, cfg.schedule, cfg.gamma_min,
-                   cfg.gamma_max, cfg.sampler, cfg.sample_steps, cfg.sample_rho)
+                   cfg.gamma_max, cfg.sampler, cfg.sample_steps, cfg.sample_rho, cfg.sample_eta)
 
     # The process.
 
@@ -393,7 +400,8 @@ class Diffusion(nn.Module):
         model's sampler, every draw from ``generator``."""
         p = next(self.parameters())
         z = torch.randn(n, *self.image_shape, generator=generator, device=p.device)
-        return self.reverse(z.to(p.dtype), self.sample_steps, self.sampler, 0.0, generator)
+        return self.reverse(z.to(p.dtype), self.sample_steps, self.sampler, self.sample_eta,
+                            generator)
 
     # The trainer's interface.
 

@@ -137,6 +137,7 @@ class GAN(nn.Module):
         arch: "mlp" (the report's networks) or "conv" (:mod:`dgm.models.conv_gan`).
         hidden_dim: base channels of the conv networks (64 if None); not for "mlp".
         d_hidden_dim: base channels of the conv discriminator alone (hidden_dim if None).
+        num_blocks: extra 3x3 convolutions at each resolution of both conv networks.
         loss: "ns", "hinge" or "wgan-gp" (see :func:`discriminator_loss`).
         gp_weight: lambda of WGAN-GP's :func:`gradient_penalty`.
         spectral_norm: spectral normalisation of every discriminator layer.
@@ -163,7 +164,8 @@ class GAN(nn.Module):
     def __init__(self, latent_dim: int = 100, image_shape: tuple[int, int, int] = (1, 28, 28),
                  arch: str = "mlp", hidden_dim: int | None = None, loss: str = "ns",
                  gp_weight: float = 10.0, spectral_norm: bool = False, r1_weight: float = 0.0,
-                 d_steps: int = 1, d_hidden_dim: int | None = None, temperature: float = 1.0):
+                 d_steps: int = 1, d_hidden_dim: int | None = None, temperature: float = 1.0,
+                 num_blocks: int = 0):
         super().__init__()
         if loss not in LOSSES:
             raise DgmError(f"unknown GAN loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -172,17 +174,19 @@ class GAN(nn.Module):
         self.loss, self.gp_weight, self.r1_weight, self.d_steps = loss, gp_weight, r1_weight, \
             d_steps
         if arch == "mlp":
-            for flag, value in (("--hidden-dim", hidden_dim), ("--d-hidden-dim", d_hidden_dim)):
+            for flag, value in (("--hidden-dim", hidden_dim), ("--d-hidden-dim", d_hidden_dim),
+                                ("--num-blocks", num_blocks or None)):
                 if value is not None:
-                    raise DgmError(f"{flag} sets the conv arch's channels; the mlp arch has "
+                    raise DgmError(f"{flag} shapes the conv arch's networks; the mlp arch has "
                                    "the report's widths: leave it out or give --arch conv")
             data_dim = math.prod(image_shape)
             self.generator = Generator(latent_dim, data_dim=data_dim)
             self.discriminator = Discriminator(data_dim)
         elif arch == "conv":
-            self.generator = ConvGenerator(latent_dim, self.image_shape, hidden_dim or 64)
+            self.generator = ConvGenerator(latent_dim, self.image_shape, hidden_dim or 64,
+                                           num_blocks)
             self.discriminator = ConvDiscriminator(self.image_shape,
-                                                   d_hidden_dim or hidden_dim or 64)
+                                                   d_hidden_dim or hidden_dim or 64, num_blocks)
         else:
             raise DgmError(f"unknown GAN arch {arch!r}; choose mlp or conv")
         if spectral_norm:
@@ -203,7 +207,7 @@ class GAN(nn.Module):
         return cls(cfg.latent_dim, image_shape, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
                    loss=cfg.loss, gp_weight=cfg.gp_weight, spectral_norm=cfg.spectral_norm,
                    r1_weight=cfg.r1_weight, d_steps=cfg.d_steps, d_hidden_dim=cfg.d_hidden_dim,
-                   temperature=cfg.temperature)
+                   temperature=cfg.temperature, num_blocks=cfg.num_blocks)
 
     def _fake(self, z: torch.Tensor) -> torch.Tensor:
         """Generated images in [-1, 1], shaped as the data: (B, latent_dim) -> (B, C, H, W)."""
