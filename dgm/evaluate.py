@@ -168,9 +168,9 @@ def evaluate_run(run: str | Path, split: str | None = None, iw_samples: int = 50
     GAN runs get the sample-quality scores of :mod:`dgm.quality`, from ``num_samples``
     samples; other models get them too with ``sample_quality``. ``sampler``,
     ``sample_steps``, ``sample_rho`` and ``sample_eta`` set a diffusion model's sampler,
-    denoising steps, their spacing and DDIM's eta for those samples; ``temperature`` a GAN's or flow's prior standard
-    deviation; ``precision`` bf16 draws those samples under bf16 autocast (the likelihoods
-    stay fp32).
+    denoising steps, their spacing and DDIM's eta for those samples; ``temperature`` a GAN's
+    or flow's prior standard deviation; ``precision`` bf16 draws those samples under bf16
+    autocast (the likelihoods stay fp32).
     """
     run = Path(run)
     ctx, dev = setup(resolve_device(device))
