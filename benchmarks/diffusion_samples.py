@@ -30,7 +30,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--rho", type=float, default=0.0, help="the sampler's --sample-rho")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, the --sample-eta")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("-n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
