@@ -118,6 +118,9 @@ class GANConfig(TrainConfig):
     gp_weight: float = opt(10.0, "weight of WGAN-GP's gradient penalty (--loss wgan-gp)", min=0.0)
     spectral_norm: bool = opt(False, "spectral normalisation of the discriminator's layers "
                                      "(Miyato et al., 2018)")
+    minibatch_std: bool = opt(False, "a minibatch standard deviation channel at the end of the "
+                                     "conv discriminator (Karras et al., 2018), against "
+                                     "too little variety")
     r1_weight: float = opt(0.0, "weight gamma of the R1 penalty gamma/2 E||grad D(x)||^2 on real "
                                 "images (Mescheder et al., 2018; 0 = off)", min=0.0)
     d_steps: int = opt(1, "discriminator updates per generator update (each with fresh noise, "

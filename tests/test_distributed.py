@@ -49,7 +49,8 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
     extra = {"vae": {"hidden_dim": 32}, "gan": {},
              # Double backward (the penalties), spectral norm's power iteration, the average.
              "gan-conv": {"arch": "conv", "hidden_dim": 8, "loss": "wgan-gp",
-                          "spectral_norm": True, "r1_weight": 1.0, "d_steps": 2, "ema": 0.9},
+                          "spectral_norm": True, "r1_weight": 1.0, "d_steps": 2, "ema": 0.9,
+                          "minibatch_std": True},
              "flow": {"hidden_dim": 8, "num_couplings": 1, "num_scales": 1},
              "diffusion": {"channels": 8, "channel_mults": [1, 2], "sample_steps": 2}}[model]
     model = model.removesuffix("-conv")

@@ -554,3 +554,31 @@ def test_conv_networks_are_as_documented():
         with pytest.raises(DgmError, match="divisible by 4"):
             check_conv_shape(shape)
     assert apply_spectral_norm(d) is d
+
+
+def test_minibatch_std_channel_is_the_batch_spread_of_the_features():
+    """--minibatch-std: one channel more, the mean over features of their std over the batch
+    (computed here by hand), the same for every image; so D's score of an image depends on
+    its batch, and a batch of copies scores otherwise than a varied one. Planted bugs it
+    catches: the std over features instead of over the batch, the unbiased std, a missing
+    channel in the linear layer's width."""
+    from dgm.models.conv_gan import ConvDiscriminator, MinibatchStd
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 4, 4)
+    out = MinibatchStd()(x)
+    assert out.shape == (5, 4, 4, 4) and torch.equal(out[:, :3], x)
+    by_hand = ((x - x.mean(0)) ** 2).mean(0).add(1e-8).sqrt().mean()
+    torch.testing.assert_close(out[:, 3], by_hand.expand(5, 4, 4))
+    assert MinibatchStd()(x[:1])[0, 3].abs().max() < 1e-3  # one image: no spread, no NaN
+    d = ConvDiscriminator((1, 28, 28), channels=8, minibatch_std=True)
+    plain = ConvDiscriminator((1, 28, 28), channels=8)
+    assert n_params(d) - n_params(plain) == 7 * 7  # the linear layer's weights of the channel
+    varied = torch.rand(4, 1, 28, 28) * 2 - 1
+    copies = varied[:1].expand(4, -1, -1, -1)
+    assert not torch.allclose(d(varied)[0], d(copies)[0])
+    assert torch.allclose(plain(varied)[0], plain(copies)[0])
+    gan = GAN(arch="conv", hidden_dim=8, minibatch_std=True)
+    assert gan.discriminate(gan.sample(3) * 2 - 1).shape == (3,)
+    with pytest.raises(DgmError, match="--minibatch-std shapes the conv arch's networks"):
+        GAN(minibatch_std=True)

@@ -28,6 +28,8 @@ NEEDS = {
     ("device", "cuda"): (torch.cuda.is_available(), "no CUDA GPU"),
     ("precision", "bf16"): (cpu_has_native_bf16() if not torch.cuda.is_available()
                             else torch.cuda.is_bf16_supported(), "native bf16"),
+    # The mlp default refuses it; the conv GAN runs it in test_every_command_on_every_model.
+    ("minibatch_std", True): (False, "give --arch conv"),
 }
 try:
     import torch.utils.tensorboard  # noqa: F401
@@ -149,7 +151,7 @@ def test_every_training_option_value(model, both_data_dir, tmp_path, capsys):
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--d-hidden-dim", "12", "--loss", "hinge",
              "--spectral-norm", "--ema", "0.9", "--num-blocks", "1"]),
     ("gan", ["--arch", "conv", "--hidden-dim", "8", "--loss", "wgan-gp", "--gp-weight", "5",
-             "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3"]),
+             "--r1-weight", "1", "--d-steps", "2", "--d-lr", "1e-3", "--minibatch-std"]),
     ("diffusion", []),  # its default --ema 0.999, elbo, eps, linear, ddpm at rho 3
     ("diffusion", ["--loss", "simple", "--parameterization", "v", "--schedule", "cosine",
                    "--sampler", "ddim", "--ema", "0", "--num-res-blocks", "2",

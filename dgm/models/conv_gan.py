@@ -11,6 +11,11 @@ c = 64 on 28x28 grey images: 791,777 + 138,561 parameters.
 same LeakyReLU in D) at each of the three resolutions of both networks, as the "standard
 CNN" of the spectral-norm paper (Miyato et al., 2018) deepens DCGAN's; 0 builds exactly
 the networks above.
+
+``minibatch_std`` appends to the discriminator's last feature maps one channel, the standard
+deviation of each feature over the batch averaged to one number (the minibatch standard
+deviation of Karras et al., 2018, with the whole batch as the group): a generator that
+gives too little variety is then told apart from the data by that channel alone.
 """
 
 import torch
@@ -19,7 +24,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from dgm.errors import DgmError
 
-__all__ = ["ConvDiscriminator", "ConvGenerator", "apply_spectral_norm", "check_conv_shape"]
+__all__ = ["ConvDiscriminator", "ConvGenerator", "MinibatchStd", "apply_spectral_norm",
+           "check_conv_shape"]
 
 
 def check_conv_shape(image_shape: tuple[int, int, int]) -> None:
@@ -57,10 +63,21 @@ class ConvGenerator(nn.Module):
         return self.net(self.project(z).view(len(z), *self.start))
 
 
+class MinibatchStd(nn.Module):
+    """(B, C, H, W) -> (B, C + 1, H, W): the extra channel is the mean over (C, H, W) of each
+    feature's standard deviation over the batch, the same for every image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The biased std (a batch of one gives 0, not NaN); in fp32 under bf16 autocast.
+        std = (x.float().var(0, unbiased=False) + 1e-8).sqrt().mean().to(x.dtype)
+        return torch.cat([x, std.expand(len(x), 1, *x.shape[2:])], 1)
+
+
 class ConvDiscriminator(nn.Module):
     """Images (B, C, H, W) in [-1, 1] -> one logit (or critic score) per image, (B,)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], channels: int = 64, blocks: int = 0):
+    def __init__(self, image_shape: tuple[int, int, int], channels: int = 64, blocks: int = 0,
+                 minibatch_std: bool = False):
         super().__init__()
         check_conv_shape(image_shape)
         c_img, h, w = image_shape
@@ -73,6 +90,9 @@ class ConvDiscriminator(nn.Module):
             if i < 2:
                 layers += [nn.Conv2d(width, out, 4, 2, 1), nn.LeakyReLU(0.2)]
                 width = out
+        if minibatch_std:
+            layers.append(MinibatchStd())
+            width += 1
         layers += [nn.Flatten(), nn.Linear(width * (h // 4) * (w // 4), 1)]
         self.net = nn.Sequential(*layers)
 

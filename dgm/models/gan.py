@@ -143,6 +143,7 @@ class GAN(nn.Module):
         spectral_norm: spectral normalisation of every discriminator layer.
         r1_weight: gamma of the :func:`r1_penalty` (0 = off).
         d_steps: discriminator updates per generator update.
+        minibatch_std: the conv discriminator's minibatch standard deviation channel.
         temperature: standard deviation of z in ``sample`` (below 1: the truncation trick of
             Brock et al., 2019, in its simple scaled form; training always uses N(0, I)).
 
@@ -165,7 +166,7 @@ class GAN(nn.Module):
                  arch: str = "mlp", hidden_dim: int | None = None, loss: str = "ns",
                  gp_weight: float = 10.0, spectral_norm: bool = False, r1_weight: float = 0.0,
                  d_steps: int = 1, d_hidden_dim: int | None = None, temperature: float = 1.0,
-                 num_blocks: int = 0):
+                 num_blocks: int = 0, minibatch_std: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise DgmError(f"unknown GAN loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -175,7 +176,8 @@ class GAN(nn.Module):
             d_steps
         if arch == "mlp":
             for flag, value in (("--hidden-dim", hidden_dim), ("--d-hidden-dim", d_hidden_dim),
-                                ("--num-blocks", num_blocks or None)):
+                                ("--num-blocks", num_blocks or None),
+                                ("--minibatch-std", minibatch_std or None)):
                 if value is not None:
                     raise DgmError(f"{flag} shapes the conv arch's networks; the mlp arch has "
                                    "the report's widths: leave it out or give --arch conv")
@@ -186,7 +188,8 @@ class GAN(nn.Module):
             self.generator = ConvGenerator(latent_dim, self.image_shape, hidden_dim or 64,
                                            num_blocks)
             self.discriminator = ConvDiscriminator(self.image_shape,
-                                                   d_hidden_dim or hidden_dim or 64, num_blocks)
+                                                   d_hidden_dim or hidden_dim or 64, num_blocks,
+                                                   minibatch_std)
         else:
             raise DgmError(f"unknown GAN arch {arch!r}; choose mlp or conv")
         if spectral_norm:
@@ -207,7 +210,8 @@ class GAN(nn.Module):
         return cls(cfg.latent_dim, image_shape, arch=cfg.arch, hidden_dim=cfg.hidden_dim,
                    loss=cfg.loss, gp_weight=cfg.gp_weight, spectral_norm=cfg.spectral_norm,
                    r1_weight=cfg.r1_weight, d_steps=cfg.d_steps, d_hidden_dim=cfg.d_hidden_dim,
-                   temperature=cfg.temperature, num_blocks=cfg.num_blocks)
+                   temperature=cfg.temperature, num_blocks=cfg.num_blocks,
+                   minibatch_std=cfg.minibatch_std)
 
     def _fake(self, z: torch.Tensor) -> torch.Tensor:
         """Generated images in [-1, 1], shaped as the data: (B, latent_dim) -> (B, C, H, W)."""
