@@ -532,7 +532,7 @@ def test_a_retired_option_in_an_old_run_loads_and_given_anew_is_refused(run, fak
 def test_a_run_recorded_before_an_option_keeps_what_it_did():
     """--sample-rho came with default 0 and its default is now 3: a recorded diffusion
     config without it (every run before) samples as it did; a new one gets 3, and a
-    recorded 3 stays 3 (the zoo's, the 2026-12-05 recipe, records ancestral at 3).
+    recorded 3 stays 3 (the zoo's, the 2026-12-05 recipe, records DDIM at eta 0.5, rho 3).
     Planted bug it catches: BEFORE applied to new configs, or over a recorded value."""
     from dgm.config import from_dict
     from dgm.evaluate import load
@@ -541,7 +541,7 @@ def test_a_run_recorded_before_an_option_keeps_what_it_did():
     assert from_dict("diffusion", {}).sample_rho == 3.0
     assert from_dict("diffusion", {"sample_rho": 3.0}, recorded=True).sample_rho == 3.0
     model = load("zoo:diffusion-fashion-mnist")
-    assert (model.sampler, model.sample_rho) == ("ddpm", 3.0)
+    assert (model.sampler, model.sample_rho, model.sample_eta) == ("ddim", 3.0, 0.5)
 
 
 def yaml_of(path):
