@@ -183,8 +183,8 @@ class DiffusionConfig(TrainConfig):
                            max=30.0)
     gamma_max: float = opt(5.0, "-log SNR at t = 1 (sets the prior term)", min=-30.0, max=30.0)
     sampler: str = opt("ddpm", "sampler of the sample grids, dgm sample and --sample-quality: "
-                               "ancestral (ddpm; it scored best here) or deterministic DDIM "
-                               "(ddim)", choices=("ddpm", "ddim"))
+                               "ancestral (ddpm) or DDIM (ddim; the recipe's ddim at 50 steps "
+                               "and eta 0.5 scored best here)", choices=("ddpm", "ddim"))
     sample_steps: int = opt(25, "denoising steps per sample", min=1, max=10000)
     sample_rho: float = opt(3.0, "where the sampler's steps fall: 0 = equal steps of t; RHO > "
                                  "0 = sigma spaced as Karras et al. (2022) with that rho, more "
