@@ -73,6 +73,12 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     run = Path(run)
     # SIGTERM from the start, so that a run stopped while it starts up still cleans up.
     old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Adam's moments of weights whose gradient is almost always 0 (the VAE's weights from
+    # the blank border pixels) decay into subnormal floats, on which x86 arithmetic is many
+    # times slower: by epoch 260 of the VAE recipe they were 31 % of its optimiser state and
+    # an epoch took 2.5x its early time (BENCHMARKS.md). Flushing them to 0 changes nothing
+    # above 1e-38.
+    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
         ctx, device = setup(resolve_device(cfg.device))
         try:
@@ -89,6 +95,8 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
                        "--batch-size or the model's size (--hidden-dim, --latent-dim)") from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
+        if flushing:
+            torch.set_flush_denormal(False)  # torch's default, for the caller's process
 
 
 def _train(model_name, cfg, run, resume, quiet, ctx, device):
