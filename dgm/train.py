@@ -78,7 +78,9 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     # times slower: by epoch 260 of the VAE recipe they were 31 % of its optimiser state and
     # an epoch took 2.5x its early time (BENCHMARKS.md). Flushing them to 0 changes nothing
     # above 1e-38.
-    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot
+    # torch has no getter for the setting: a subnormal that survives arithmetic says it is off.
+    was_off = (torch.tensor(1e-39) * 1.0).item() > 0
+    flushing = was_off and torch.set_flush_denormal(True)  # False where the CPU cannot
     try:
         ctx, device = setup(resolve_device(cfg.device))
         try:
@@ -96,7 +98,7 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         if flushing:
-            torch.set_flush_denormal(False)  # torch's default, for the caller's process
+            torch.set_flush_denormal(False)  # as the caller had it
 
 
 def _train(model_name, cfg, run, resume, quiet, ctx, device):

@@ -60,7 +60,8 @@ def test_threads_follow_the_idle_cores(monkeypatch):
 def test_training_flushes_subnormal_floats_and_then_stops(monkeypatch, tmp_path):
     """Subnormal floats (Adam's moments of weights that never get a gradient) are many times
     slower on x86: ``train`` flushes them to 0 while it runs, then gives the process back
-    as it was. Planted bugs it catches: no flush, the flush left on after training."""
+    as it was. Planted bugs it catches: no flush, the flush left on after training, a
+caller's own flush turned off."""
     import dgm.train
     from dgm.config import VAEConfig
 
@@ -75,3 +76,9 @@ def test_training_flushes_subnormal_floats_and_then_stops(monkeypatch, tmp_path)
     dgm.train.train("vae", VAEConfig(device="cpu"), tmp_path / "r")
     assert seen == [0.0]
     assert (tiny * 1.0).item() > 0
+    torch.set_flush_denormal(True)  # a caller that flushes already keeps it on
+    try:
+        dgm.train.train("vae", VAEConfig(device="cpu"), tmp_path / "r")
+        assert seen == [0.0, 0.0] and (tiny * 1.0).item() == 0
+    finally:
+        torch.set_flush_denormal(False)
