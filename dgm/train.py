@@ -77,8 +77,8 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
     # the blank border pixels) decay into subnormal floats, on which x86 arithmetic is many
     # times slower: by epoch 260 of the VAE recipe they were 31 % of its optimiser state and
     # an epoch took 2.5x its early time (BENCHMARKS.md). Flushing them to 0 changes nothing
-    # above 1e-38.
-    # torch has no getter for the setting: a subnormal that survives arithmetic says it is off.
+    # above 1e-38. torch has no getter for the setting: a subnormal that survives arithmetic
+    # says it is off.
     was_off = (torch.tensor(1e-39) * 1.0).item() > 0
     flushing = was_off and torch.set_flush_denormal(True)  # False where the CPU cannot
     try:

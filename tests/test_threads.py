@@ -61,7 +61,7 @@ def test_training_flushes_subnormal_floats_and_then_stops(monkeypatch, tmp_path)
     """Subnormal floats (Adam's moments of weights that never get a gradient) are many times
     slower on x86: ``train`` flushes them to 0 while it runs, then gives the process back
     as it was. Planted bugs it catches: no flush, the flush left on after training, a
-caller's own flush turned off."""
+    caller's own flush turned off."""
     import dgm.train
     from dgm.config import VAEConfig
 
