@@ -241,6 +241,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding <dataset>/ IDX files")
     p.add_argument("--offline", action="store_true", help="never download data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # dest differs from train's config field `threads`, which ThreadPolicy handles.
+    p.add_argument("--threads", dest="cpu_threads", type=int, default=0, metavar="N",
+                   help="CPU threads (default 0: torch's default, one per core; 1 beside "
+                        "another job on 2 cores)")
 
 
 def cmd_train(args) -> int:
@@ -560,6 +564,24 @@ def _own_model(argv: list[str]) -> tuple[str | None, list[str]]:
     return (argv[1], argv) if ":" in argv[1] else (None, argv)
 
 
+def _with_threads(args) -> int:
+    """Run the command with ``--threads`` CPU threads, if it has the option, then restore
+    torch's count (tests call :func:`main` in one process)."""
+    n = getattr(args, "cpu_threads", 0)
+    if not 0 <= n <= 1024:
+        raise DgmError("--threads must lie in 0..1024 (0: one per core)")
+    if not n:
+        return args.func(args)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return args.func(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _import_libraries() -> None:
     """Import the heavy libraries (torch, numpy, matplotlib, torchmetrics) now, while
     interrupts are held (see :func:`dgm.interrupts.held`), not in the middle of a command."""
@@ -578,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             own, argv = _own_model(_model_of_config(argv))
             args = build_parser(own).parse_args(argv)
             _import_libraries()
-        return args.func(args)
+        return _with_threads(args)
     except DgmError as e:
         print(f"dgm: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -354,3 +354,24 @@ def test_patience_stops_at_the_right_epoch(fake_data_dir, tmp_path, monkeypatch)
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 5
     assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 3
+
+
+def test_threads_of_the_commands_after_training(fake_data_dir, tmp_path, capsys, monkeypatch):
+    """--threads N (evaluate, sample, score, interpolate, manifold): torch runs N threads
+    while the command works and its earlier count after; out of range is a one-line error."""
+    import dgm.evaluate
+
+    run = tmp_path / "run"
+    assert_ok(capsys, train_argv("vae", fake_data_dir, run))
+    seen, real = [], dgm.evaluate.evaluate_run
+    monkeypatch.setattr(dgm.evaluate, "evaluate_run",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    for n in (1, 2):
+        assert_ok(capsys, ["evaluate", str(run), "--iw-samples", "3", "--json", "--threads",
+                           str(n)])
+        assert torch.get_num_threads() == before
+    assert seen == [1, 2]
+    assert_ok(capsys, ["sample", str(run), "-n", "4", "--threads", "1",
+                       "--out", str(tmp_path / "s.png")])
+    assert_one_line(capsys, ["evaluate", str(run), "--threads", "-1"], "--threads must lie")
