@@ -67,7 +67,7 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in (
         recipe="dgm train gan --config recipes/gan-fashion-mnist.yaml (conv, 32 base "
                "channels, one 3x3 conv more a resolution, a minibatch-std channel in D, ns "
                "loss, D at 0.35 of G's rate, EMA 0.999 of G, 50 epochs in bf16, seed 0; these "
-               "nets take 51 min for 50 epochs on the 2 cores of an Intel Xeon with AMX, 901 "
+               "nets take 51-53 min for 50 epochs on the 2 cores of an Intel Xeon with AMX, 901 "
                "training img/s; this run took 88 min on one thread beside the seed-1 run), then "
                "dgm evaluate RUN",
         results="in dgm-fashion-mnist-cnn-v1, 10000 samples against the 10000 test images: "
