@@ -14,7 +14,7 @@ import torch
 from dgm.data import load_split
 from dgm.evaluate import load_model, set_sampling
 from dgm.features import extract_features, shipped_feature_net
-from dgm.quality import _inside, _kth_neighbour_radii, draw_samples
+from dgm.quality import draw_samples, inside_manifold, kth_neighbour_radii
 
 
 def pixel_stats(x: torch.Tensor) -> str:
@@ -39,7 +39,7 @@ def main() -> None:
     with torch.no_grad():
         fr, ff = (extract_features(net, t).double() for t in (real, fake))
         probs = net.double().head(ff).softmax(1)
-    inside = _inside(ff, fr, _kth_neighbour_radii(fr, 3)).double()
+    inside = inside_manifold(ff, fr, kth_neighbour_radii(fr, 3)).double()
     label, conf = probs.argmax(1), probs.max(1).values
     print(f"precision {inside.mean():.3f} over {a.n} samples")
     print("| class | samples | precision | mean confidence |\n| --- | ---: | ---: | ---: |")

@@ -15,7 +15,7 @@ import torch
 from dgm.data import load_split
 from dgm.evaluate import load_model
 from dgm.features import extract_features, shipped_feature_net
-from dgm.quality import _inside, _kth_neighbour_radii, draw_samples
+from dgm.quality import draw_samples, inside_manifold, kth_neighbour_radii
 from dgm.zoo import open_run
 
 NS = (1250, 2500, 5000, 10000, 20000)
@@ -42,9 +42,9 @@ def main() -> None:
         feats = extract_features(net, fakes).double()
         radii, cells = [], []
         for n in NS:
-            r = _kth_neighbour_radii(feats[:n], 3)
+            r = kth_neighbour_radii(feats[:n], 3)
             radii.append(r.median().item())
-            recall = _inside(test, feats[:n], r).double().mean().item()
+            recall = inside_manifold(test, feats[:n], r).double().mean().item()
             cells.append(f"{radii[-1]:.2f}, {recall:.3f}")
         d = -math.log(NS[-1] / NS[0]) / math.log(radii[-1] / radii[0])
         print(f"{run} | " + " | ".join(cells) + f" | {d:.1f}", flush=True)

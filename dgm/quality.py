@@ -24,8 +24,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from dgm.features import FeatureNet, accuracy, extract_features
 from dgm.maths import bits_per_dim
 
-__all__ = ["PARZEN_NOTE", "frechet_distance", "kernel_distance", "parzen_log_likelihood",
-           "parzen_log_prob", "precision_recall", "sample_quality"]
+__all__ = ["PARZEN_NOTE", "frechet_distance", "inside_manifold", "kernel_distance",
+           "kth_neighbour_radii", "parzen_log_likelihood", "parzen_log_prob", "precision_recall",
+           "sample_quality"]
 
 PARZEN_NOTE = (
     "Parzen-window estimates are a weak measure (Theis et al., 2016): in 784 dimensions they "
@@ -77,14 +78,15 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 100,
     return mean.item(), std.item()
 
 
-def _kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
+def kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row: (N, F) -> (N,)."""
     radii = [torch.cdist(chunk, x).kthvalue(k + 1, dim=1).values  # +1: itself, at 0
              for chunk in x.split(1000)]
     return torch.cat(radii)
 
 
-def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+def inside_manifold(points: torch.Tensor, centres: torch.Tensor,
+                    radii: torch.Tensor) -> torch.Tensor:
     """Whether each point lies in a ball of the manifold: (N, F) -> (N,) bool."""
     return torch.cat([(torch.cdist(chunk, centres) <= radii).any(1)
                       for chunk in points.split(1000)])
@@ -101,8 +103,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict
     precision).
     """
     real, fake = real.double(), fake.double()
-    precision = _inside(fake, real, _kth_neighbour_radii(real, k)).double().mean().item()
-    recall = _inside(real, fake, _kth_neighbour_radii(fake, k)).double().mean().item()
+    precision = inside_manifold(fake, real, kth_neighbour_radii(real, k)).double().mean().item()
+    recall = inside_manifold(real, fake, kth_neighbour_radii(fake, k)).double().mean().item()
     return {"precision": precision, "recall": recall, "k": k}
 
 
