@@ -582,3 +582,31 @@ def test_minibatch_std_channel_is_the_batch_spread_of_the_features():
     assert gan.discriminate(gan.sample(3) * 2 - 1).shape == (3,)
     with pytest.raises(DgmError, match="--minibatch-std shapes the conv arch's networks"):
         GAN(minibatch_std=True)
+
+
+def test_conv_networks_are_channels_last_and_compute_what_the_default_layout_does():
+    """The conv nets keep their weights in NHWC for speed (the module docstring); the layout
+    must change no value beyond rounding, forward or backward, on RGB images where the two
+    layouts differ. Fails if either net loses the layout (the speed-up silently gone) or if
+    anything in them comes to depend on memory order (a raw view of the data)."""
+    from dgm.models.conv_gan import ConvDiscriminator, ConvGenerator
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    g = ConvGenerator(16, shape, channels=8, blocks=1)
+    d = ConvDiscriminator(shape, channels=8, blocks=1, minibatch_std=True)
+    for net in (g, d):
+        convs = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        assert not all(w.is_contiguous() for w in convs)
+    g_plain, d_plain = (copy.deepcopy(n).to(memory_format=torch.contiguous_format) for n in (g, d))
+    z = torch.randn(4, 16)
+    x = g(z)
+    assert x.shape == (4, *shape)
+    torch.testing.assert_close(x, g_plain(z))
+    torch.testing.assert_close(d(x), d_plain(x.contiguous()))
+    d(g(z)).sum().backward()
+    d_plain(g_plain(z)).sum().backward()
+    for net, plain in ((g, g_plain), (d, d_plain)):
+        for p, q in zip(net.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
