@@ -19,7 +19,7 @@ gives too little variety is then told apart from the data by that channel alone.
 
 Both networks keep their convolution weights channels-last (NHWC): on CPUs oneDNN runs these
 small convolutions, the transposed ones most, 1.4-1.5x as fast in that layout, and D takes
-its input in it too (BENCHMARKS.md, "channels-last"). The layout changes no value beyond
+its input in it too (BENCHMARKS.md, "GAN: channels-last nets"). The layout changes no value beyond
 rounding; Flatten still reads (C, H, W).
 """
 
