@@ -230,10 +230,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, metavar="T",
                    help="GAN and flow: standard deviation of the prior, below 1 for "
                         "fidelity over variety (default: the run's --temperature)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="the networks that draw the samples: fp32, or bf16 autocast (a GPU, or "
-                        "a CPU with native bf16: about 2x faster there); likelihoods are "
-                        "always fp32 (default fp32)")
+                        "a CPU with native bf16: about 2x faster there), or auto (bf16 where "
+                        "it is native); likelihoods are always fp32 (default fp32)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -341,7 +341,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from dgm.distributed import autocast, check_precision
+    from dgm.distributed import autocast, resolve_precision
     from dgm.evaluate import load_model, set_sampling
     from dgm.plots import save_grid
     from dgm.quality import draw_samples
@@ -361,9 +361,9 @@ def cmd_sample(args) -> int:
     set_sampling(model, name, args.run, args.sample_steps, args.sample_rho, args.sampler,
                  args.temperature, args.sample_eta)
     dev = next(model.parameters()).device
-    check_precision(args.precision, dev)
+    precision = resolve_precision(args.precision, dev)
     gen = torch.Generator(dev).manual_seed(args.seed)
-    with autocast(dev, args.precision):
+    with autocast(dev, precision):
         samples = draw_samples(lambda n, g: model.sample(n, generator=g), args.n, gen)
     if out:
         print(save_grid(samples, out))

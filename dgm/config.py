@@ -61,8 +61,9 @@ class TrainConfig:
     num_samples: int = opt(16, "images in each sample grid", min=1, max=1024)
     device: str = opt("auto", "where to train", choices=("auto", "cpu", "cuda"))
     precision: str = opt("fp32", "bf16: autocast of the networks on a GPU with bf16 or a CPU "
-                                 "with native bf16 (AVX512-BF16, AMX); what is cited stays fp32",
-                         choices=("fp32", "bf16"))
+                                 "with native bf16 (AVX512-BF16, AMX); auto: bf16 where it is "
+                                 "native, else fp32; what is cited stays fp32",
+                         choices=("fp32", "bf16", "auto"))
     threads: int = opt(0, "CPU threads (0 = as many cores as other processes leave idle, "
                           "checked every 2 s)", min=0, max=1024)
     tensorboard: bool = opt(False, "also log to RUN/tensorboard (needs: pip install tensorboard)")

@@ -24,7 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from dgm.errors import DgmError
 
-__all__ = ["Context", "autocast", "check_precision", "cpu_has_native_bf16", "resolve_device",
+__all__ = ["Context", "autocast", "cpu_has_native_bf16", "resolve_device", "resolve_precision",
            "setup"]
 
 
@@ -210,14 +210,23 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", info) is not None
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse bf16 in one line where the hardware would only emulate it."""
-    if precision != "bf16":
-        return
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DgmError("--precision bf16 needs a GPU with bf16 support, which this one lacks; "
-                       "use --precision fp32")
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        raise DgmError("--precision bf16 on the CPU needs native bf16 (AVX512-BF16 or AMX), "
-                       "which this CPU lacks (it would be emulated, slower than fp32); use "
-                       "--precision fp32")
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision to run in on ``device``: fp32, or bf16 where the hardware has it natively
+    (a GPU with bf16 support, a CPU with AVX512-BF16 or AMX). ``auto`` picks bf16 there and
+    fp32 elsewhere, so that a recipe that asks for it runs on any machine; an explicit bf16
+    where it would only be emulated is refused in one line."""
+    if precision == "fp32":
+        return precision
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        why = "a GPU with bf16 support, which this one lacks"
+    else:
+        native = cpu_has_native_bf16()
+        why = ("native bf16 (AVX512-BF16 or AMX), which this CPU lacks (it would be emulated, "
+               "slower than fp32)")
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if not native:
+        raise DgmError(f"--precision bf16 {'on the CPU ' if device.type == 'cpu' else ''}needs "
+                       f"{why}; use --precision fp32 (or auto)")
+    return precision

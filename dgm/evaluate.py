@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from dgm.data import load_split, read_samples, split_overlap
-from dgm.distributed import Context, autocast, check_precision, resolve_device, setup
+from dgm.distributed import Context, autocast, resolve_device, resolve_precision, setup
 from dgm.errors import DgmError
 from dgm.features import SHIPPED, local_feature_net, shipped_feature_net
 from dgm.maths import bits_per_dim
@@ -188,7 +188,7 @@ def _evaluate_run(run, split, iw_samples, batch_size, device, data_dir, offline,
                   sample_steps, sample_rho, sampler, temperature, precision, sample_eta, ctx):
     name, cfg, model, ckpt = load_model(run, checkpoint, device)
     set_sampling(model, name, run, sample_steps, sample_rho, sampler, temperature, sample_eta)
-    check_precision(precision, next(model.parameters()).device)
+    precision = resolve_precision(precision, next(model.parameters()).device)
     read_evaluations(run)  # a corrupt evaluation.json fails now, not after the work
     split = split or cfg.test_split
     data_dir, offline = data_dir or cfg.data_dir, offline or cfg.offline

@@ -22,8 +22,8 @@ from dgm.data import load_split, split_overlap
 from dgm.distributed import (
     Context,
     autocast,
-    check_precision,
     resolve_device,
+    resolve_precision,
     setup,
 )
 from dgm.errors import DgmError
@@ -102,7 +102,8 @@ def train(model_name: str, cfg: TrainConfig, run: Path, resume: bool = False,
 
 
 def _train(model_name, cfg, run, resume, quiet, ctx, device):
-    check_precision(cfg.precision, device)
+    # The run's config.yaml records the precision it ran in, not "auto".
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     if cfg.batch_size % ctx.world:
         raise DgmError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
                        "processes; each takes an equal part of every batch")
