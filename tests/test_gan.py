@@ -216,7 +216,7 @@ def test_cli_end_to_end(real_data_dir, tmp_path, capsys):
     assert (run / "samples" / "epoch_002.png").is_file()
     assert (run / "curves.png").is_file()
 
-    assert main(["evaluate", str(run), "--json", "--quiet", *data]) == 0
+    assert main(["evaluate", str(run), "--json", "--quiet", "--num-samples", "2000", *data]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["frechet"]["distance"] > results["frechet"]["real_reference"]
     assert 0.8 <= results["features"]["test_accuracy"] <= 1
