@@ -219,14 +219,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
-        why = "a GPU with bf16 support, which this one lacks"
+        why = "needs a GPU with bf16 support, which this one lacks"
     else:
         native = cpu_has_native_bf16()
-        why = ("native bf16 (AVX512-BF16 or AMX), which this CPU lacks (it would be emulated, "
-               "slower than fp32)")
+        why = ("on the CPU needs native bf16 (AVX512-BF16 or AMX), which this CPU lacks (it "
+               "would be emulated, slower than fp32)")
     if precision == "auto":
         return "bf16" if native else "fp32"
     if not native:
-        raise DgmError(f"--precision bf16 {'on the CPU ' if device.type == 'cpu' else ''}needs "
-                       f"{why}; use --precision fp32 (or auto)")
+        raise DgmError(f"--precision bf16 {why}; use --precision fp32 (or auto)")
     return precision
