@@ -443,8 +443,12 @@ PLACES = [(r, c) for r in (1, 6, 11) for c in (1, 6, 11) if (r, c) != (6, 6)]
 
 def squares(modes: torch.Tensor) -> torch.Tensor:
     """uint8 images (n, 1, 16, 16), each a white 4x4 square at place ``modes[i]`` (0..7) on
-    black: a data set whose 8 modes are known."""
-    x = torch.zeros(len(modes), 1, 16, 16, dtype=torch.uint8)
+    mid-grey: a data set whose 8 modes are known. Grey, not black: on black the conv
+    generator is driven into tanh's flat tails (at step 192 a quarter of its outputs have
+    slope under 0.01; none on grey) and collapses to a blank image within 200 steps, while
+    the MLP covers all 8 squares by step 640 (measured). This is a few-step effect: on
+    Fashion-MNIST's black background the conv recipe's recall is 0.80-0.83, the MLP's 0.14."""
+    x = torch.full((len(modes), 1, 16, 16), 128, dtype=torch.uint8)
     for i, m in enumerate(modes.tolist()):
         r, c = PLACES[m]
         x[i, 0, r:r + 4, c:c + 4] = 255
@@ -457,42 +461,36 @@ def modes_covered(gan: GAN, n: int = 800) -> int:
     centres = squares(torch.arange(8)).flatten(1).float() / 255  # (8, 256)
     x = gan.eval().sample(n, generator=torch.Generator().manual_seed(0)).flatten(1)
     dist, nearest = torch.cdist(x, centres).min(1)
-    half = torch.cdist(centres[:1], centres[1:2]).item() / 2  # sqrt(32) / 2
+    half = torch.cdist(centres[:1], centres[1:2]).item() / 2  # sqrt(32) * 0.498 / 2
     counts = torch.bincount(nearest[dist < half], minlength=8)
     return int((counts >= n / 8 / 4).sum())
 
 
-# raises=AssertionError: only the comparison may fail; a crash of either GAN fails the test.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: on these squares the "
-                   "conv GAN (ns, or hinge with spectral norm) collapses to one near-blank image "
-                   "within 160-192 steps "
-                   "while the MLP GAN covers 3-7 modes; over 960 steps the MLP covers all 8 by "
-                   "step 640, so this toy cannot show the conv GAN's advantage; on Fashion-MNIST "
-                   "the conv GAN's recall is 0.80-0.83 against the MLP's 0.14 (BENCHMARKS.md). "
-                   "Also measured (2026-12-07, 3-4 seeds): the recipe's conv nets (ns, "
-                   "num_blocks 1, minibatch-std, D at 0.35 of G's rate) cover 0 of the squares "
-                   "by step 960, and on 8 Gaussian blobs (sigma 1.5 px) 0-1 by step 640, hinge "
-                   "with spectral norm 0-8, while the MLP covers all 8 blobs by step 480: on "
-                   "8 fixed images an MLP is the easier learner. A toy that shows it is open")
 def test_conv_gan_covers_more_modes_than_the_mlp_gan():
+    """The report's MLP GAN drops modes; a tiny conv GAN with the recipe's losses and
+    discriminator settings (ns, minibatch std, D at 0.35 of G's learning rate) does not.
+    Measured over seeds 0-5 at step 640: conv 6-8 modes (8 for seed 0), MLP 2-3 (3 seeds
+    followed to step 960: still 2-3). It tests the claim, not a detail: with the saturating
+    G loss, a per-image "minibatch" std or no BatchNorm in G the conv GAN still covers 7-8."""
     data = GAN.prepare(squares(torch.randint(0, 8, (1024,),
                                              generator=torch.Generator().manual_seed(0))))
     covered = {}
-    for arch, kw in (("mlp", {}), ("conv", {"hidden_dim": 16, "loss": "hinge",
-                                            "spectral_norm": True})):
+    for arch, kw, cfg in (("mlp", {}, GANConfig()),
+                          ("conv", {"hidden_dim": 16, "minibatch_std": True},
+                           GANConfig(d_lr=1.75e-4))):
         torch.manual_seed(0)
         gan = GAN(latent_dim=16, image_shape=(1, 16, 16), arch=arch, **kw)
-        opts = gan.configure_optimizers(GANConfig())
+        opts = gan.configure_optimizers(cfg)
         gan.train()
         for _ in range(STEPS // 16):  # the same steps of 64 images for both
             for idx in torch.randperm(len(data)).split(64):
                 gan.training_step(data[idx], opts)
         covered[arch] = modes_covered(gan)
-    assert covered["conv"] > covered["mlp"], covered
+    assert covered["mlp"] <= 4, covered  # the toy shows mode dropping at all
     assert covered["conv"] >= 6, covered
 
 
-STEPS = 160
+STEPS = 640
 
 
 def test_trainer_uses_the_averaged_generator_with_fresh_statistics(fake_data_dir, tmp_path):
