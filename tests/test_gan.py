@@ -403,6 +403,60 @@ def test_every_loss_and_penalty_updates_both_networks():
         assert opts["generator"].state_dict()["state"][0]["step"] == 1
 
 
+@pytest.mark.parametrize("kw", [{"loss": "wgan-gp", "gp_weight": 5.0, "r1_weight": 3.0,
+                                 "d_steps": 2},
+                                {"loss": "hinge", "r1_weight": 0.5},
+                                {"loss": "ns", "d_steps": 3}])
+def test_training_step_equals_its_updates_replayed_by_hand(kw):
+    """With plain SGD each update is -lr times the gradient, so a step replayed from the
+    tested loss and penalty functions must land on the same weights: the penalties weighted
+    gp_weight and r1_weight / 2, d_steps updates of D, then G on --loss's own generator loss;
+    the returned values are the D updates' means. Planted bugs it catches: a penalty's sign
+    or weight changed; G always on the ns loss; the d_steps sums not divided."""
+    torch.manual_seed(0)
+    gan = GAN(latent_dim=4, image_shape=(1, 8, 8), arch="conv", hidden_dim=4, **kw)
+    ref = copy.deepcopy(gan)
+    lr = 0.1
+    opts = {net: torch.optim.SGD(getattr(gan, net).parameters(), lr)
+            for net in ("generator", "discriminator")}
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    out = gan.training_step(x, opts)
+
+    def descend(net, loss):
+        params = list(net.parameters())
+        with torch.no_grad():
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p -= lr * g
+
+    torch.manual_seed(1)  # the same draws in the same order: z, then the penalty's weights
+    seen = []
+    for _ in range(kw.get("d_steps", 1)):
+        with torch.no_grad():
+            fake = ref._fake(torch.randn(6, 4))
+        d_loss = discriminator_loss(ref.discriminator(x), ref.discriminator(fake), kw["loss"])
+        total, row = d_loss, {"d_loss": d_loss}
+        if kw["loss"] == "wgan-gp":
+            row["gp"] = gradient_penalty(ref.discriminator, x, fake)
+            total = total + kw["gp_weight"] * row["gp"]
+        if kw.get("r1_weight"):
+            row["r1"] = r1_penalty(ref.discriminator, x)
+            total = total + kw["r1_weight"] / 2 * row["r1"]
+        descend(ref.discriminator, total)
+        seen.append(row)
+    ref.discriminator.requires_grad_(False)
+    g_loss = generator_loss(ref.discriminator(ref._fake(torch.randn(6, 4))), loss=kw["loss"])
+    descend(ref.generator, g_loss)
+    ref.discriminator.requires_grad_(True)
+
+    for k, v in gan.state_dict().items():
+        torch.testing.assert_close(v, ref.state_dict()[k], msg=k)
+    torch.testing.assert_close(out["g_loss"], g_loss.detach())
+    for k in seen[0]:
+        torch.testing.assert_close(out[k], torch.stack([r[k] for r in seen]).mean().detach(),
+                                   msg=k)
+
+
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_refreshed_statistics_are_those_of_the_current_weights(arch):
     """Every BatchNorm layer's running statistics become those of its input under the
