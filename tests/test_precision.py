@@ -41,16 +41,25 @@ TINY = {"vae": ["--hidden-dim", "32"], "gan": ["--latent-dim", "8"],
 @pytest.mark.parametrize("model", list(TINY))
 def test_every_model_trains_in_bf16_where_the_cpu_has_it(model, fake_data_dir, tmp_path,
                                                          monkeypatch):
-    """Run on any CPU (bf16 is emulated where it is not native, which is only slower)."""
+    """Run on any CPU (bf16 is emulated where it is not native, which is only slower). The
+    same run in fp32 ends near it but not on it, so the networks did run in bf16 (planted
+    bug: the trainer's autocast given "fp32" whatever --precision says)."""
     monkeypatch.setattr(dgm.distributed, "cpu_has_native_bf16", lambda: True)
-    run = tmp_path / "r"
-    assert main(["train", model, "--dataset", "mnist", "--data-dir", str(fake_data_dir),
-                 "--offline", "--train-split", "train[:128]", "--val-split", "test[:64]",
-                 "--epochs", "2", "--batch-size", "32", "--sample-epochs", "", "--quiet",
-                 "--precision", "bf16", "--device", "cpu", "--out", str(run),
-                 *TINY[model]]) == 0
-    rows = read_metrics(run)
-    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values())
+    rows = {}
+    for precision in ("bf16", "fp32"):
+        run = tmp_path / precision
+        assert main(["train", model, "--dataset", "mnist", "--data-dir", str(fake_data_dir),
+                     "--offline", "--train-split", "train[:128]", "--val-split", "test[:64]",
+                     "--epochs", "2", "--batch-size", "32", "--sample-epochs", "", "--quiet",
+                     "--precision", precision, "--device", "cpu", "--out", str(run),
+                     *TINY[model]]) == 0
+        rows[precision] = read_metrics(run)
+    assert len(rows["bf16"]) == 2
+    assert all(math.isfinite(v) for r in rows["bf16"] for v in r.values())
+    first = [{k: v for k, v in r[0].items() if k != "time_s"} for r in rows.values()]
+    assert first[0] != first[1]
+    for k, v in first[1].items():
+        assert first[0][k] == pytest.approx(v, rel=0.05, abs=0.05), k
 
 
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
