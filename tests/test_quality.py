@@ -220,8 +220,17 @@ def test_sample_quality_is_reproducible_and_cites_its_features(fashion):
     ref = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1234))
                   [:400]]
     assert first["frechet"]["n_reference"] == 400 < len(test_x)
+    f_test, f_ref = extract_features(net, test_x), extract_features(net, ref)
     assert first["frechet"]["real_reference"] == pytest.approx(
-        frechet_distance(extract_features(net, test_x), extract_features(net, ref)), rel=1e-9)
+        frechet_distance(f_test, f_ref), rel=1e-9)
+    # So are the other floors (planted bug: KID's and precision/recall's floors computed
+    # from the samples, not from those training images).
+    kid = kernel_distance(f_test, f_ref, subset_size=400, seed=1234)
+    assert (first["kid"]["real_reference"], first["kid"]["real_reference_std"]) == \
+        pytest.approx(kid, rel=1e-9)
+    pr = precision_recall(f_test, f_ref, 3)
+    assert (first["precision_recall"]["real_precision"],
+            first["precision_recall"]["real_recall"]) == (pr["precision"], pr["recall"])
 
 
 def test_parzen_matches_direct_formula_and_ranks_samples(fashion):
