@@ -440,7 +440,8 @@ def _snr(gamma: torch.Tensor) -> torch.Tensor:
 
 def test_bound_terms_by_hand():
     """The T-step diffusion term T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2 (VDM eq. 13, in
-    x-space), the eps error, a reconstruction -log p >= 0, bits/dim = total / (D ln 2)."""
+    x-space), the eps error, the prior KL and the reconstruction -log p >= 0 at their ends of
+    the schedule, their sum, bits/dim = total / (D ln 2)."""
     model = tiny_model().double()
     gen = torch.Generator().manual_seed(4)
     x = to_unit_range(torch.randint(0, 256, (6, 1, 8, 8), generator=gen)).double()
@@ -457,6 +458,16 @@ def test_bound_terms_by_hand():
     torch.testing.assert_close(terms["diffusion"], want)
     torch.testing.assert_close(terms["mse"], (eps - eps_hat).square().mean((1, 2, 3)))
     assert (terms["reconstruction"] >= 0).all()
+    # The two ends, from their own tested formulas (planted bugs: the prior term dropped;
+    # the decoder at another width than the schedule's gamma_min).
+    ones = torch.ones(6, dtype=x.dtype)
+    prior = prior_kl(x, model.schedule.gamma(ones))
+    assert (prior > 1e-3).all()  # gamma_max's default leaves a prior worth checking
+    torch.testing.assert_close(terms["prior"], prior)
+    alpha_0, sigma_0 = alpha_sigma(model.schedule.gamma(0 * ones))
+    z_0 = alpha_0.view(-1, 1, 1, 1) * x + sigma_0.view(-1, 1, 1, 1) * eps_0
+    torch.testing.assert_close(terms["reconstruction"],
+                               -decoder_log_prob(z_0, to_values(x), model.schedule.gamma_min))
     torch.testing.assert_close(terms["total"], terms["prior"] + terms["diffusion"]
                                + terms["reconstruction"])
     torch.manual_seed(5)
