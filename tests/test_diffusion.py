@@ -476,6 +476,29 @@ def test_bound_terms_by_hand():
     torch.testing.assert_close(bpd, model.bound_terms(x)["total"] / (64 * math.log(2)))
 
 
+@pytest.mark.parametrize("loss,schedule", [("simple", "cosine"), ("elbo", "cosine"),
+                                           ("simple", "linear")])
+def test_validation_draws_t_as_training_does(loss, schedule):
+    """val_bpd is the bound at times uniform in log SNR; val_mse is the eps error at the
+    times that training draws: uniform in t for the simple loss (which, on the cosine
+    schedule, are not the bound's), the bound's own for elbo. Replayed from the same seed.
+    Planted bug: the simple loss's val_mse taken at the bound's times."""
+    model = tiny_model(loss=loss, schedule=schedule).double()
+    x = to_unit_range(torch.randint(0, 256, (6, 1, 8, 8),
+                                    generator=torch.Generator().manual_seed(2))).double()
+    torch.manual_seed(7)
+    out = model.validation_step(x)
+    torch.manual_seed(7)
+    terms = model.bound_terms(x)  # t from NoiseSchedule.bound_times
+    torch.testing.assert_close(out["val_bpd"], (terms["total"] / (64 * math.log(2))).mean())
+    mse = terms["mse"].mean()
+    if loss == "simple" and schedule != "linear":
+        t = stratified_times(6, "cpu", x.dtype)
+        mse = model.bound_terms(x, t)["mse"].mean()
+        assert not torch.allclose(mse, terms["mse"].mean())
+    torch.testing.assert_close(out["val_mse"], mse)
+
+
 def test_stratified_times_are_one_uniform_shifted_by_i_over_n():
     """VDM's low-discrepancy draw: (u + i / n) mod 1 for one u ~ U[0, 1) from the generator,
     so sorted they step by exactly 1 / n. Planted bug: i.i.d. uniform times."""
