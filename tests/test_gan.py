@@ -73,9 +73,12 @@ def test_losses_are_the_reports_formulas():
     torch.testing.assert_close(generator_loss(fake, saturating=True), (1 - d_fake).log().mean())
 
 
-def test_validation_step_by_hand():
-    """The validation numbers recomputed from D's logits at the same z."""
-    gan = GAN().eval()
+@pytest.mark.parametrize("loss", ["ns", "hinge", "wgan-gp"])
+def test_validation_step_by_hand(loss):
+    """The validation numbers recomputed from D's logits at the same z: D's outputs as
+    probabilities under ns, as raw scores under the other losses (planted bug: sigmoid
+    applied under every loss)."""
+    gan = GAN(loss=loss).eval()
     x = torch.rand(10, 1, 28, 28) * 2 - 1
     # D's bias moved so that half the fakes' logits fall below 0: both terms of the
     # accuracy count (an untrained D may call every fake real).
@@ -91,9 +94,10 @@ def test_validation_step_by_hand():
         fake = gan.discriminator(gan.generator(torch.randn(10, 100)))
     acc = ((real > 0).sum() + (fake < 0).sum()).item() / 20
     assert val["val_d_acc"].item() == pytest.approx(acc)
-    torch.testing.assert_close(val["val_d_loss"], discriminator_loss(real, fake))
-    torch.testing.assert_close(val["val_d_real"], torch.sigmoid(real).mean())
-    torch.testing.assert_close(val["val_d_fake"], torch.sigmoid(fake).mean())
+    torch.testing.assert_close(val["val_d_loss"], discriminator_loss(real, fake, loss))
+    squash = torch.sigmoid if loss == "ns" else torch.nn.Identity()
+    torch.testing.assert_close(val["val_d_real"], squash(real).mean())
+    torch.testing.assert_close(val["val_d_fake"], squash(fake).mean())
     assert 0 < (fake < 0).sum() < 10
 
 
