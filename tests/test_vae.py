@@ -201,28 +201,38 @@ def test_kl_warm_up_weights_the_kl_term_from_zero():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_training_step_is_one_step_on_the_bound(k):
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_training_step_is_one_step_on_the_bound(k, warmup):
     """With SGD at lr 1 the step moves the weights by minus the gradient of the bound
     (the ELBO with its closed-form KL at k = 1, IWAE_k otherwise) computed by hand at the
     same noise, and reports the bound and KL of those draws (mutation testing found the
-    KL's weight without warm-up, the k = 1 branch and the reported IWAE unchecked)."""
+    KL's weight without warm-up, the k = 1 branch and the reported IWAE unchecked). In a
+    warm-up over 4 steps, step 1's objective weights the KL (or log p(z) / q(z|x)) by 1/4
+    (planted bugs: the weight left out of either objective)."""
     import copy
     import math
 
-    model = VAE(latent_dim=3, hidden_dim=16, iwae_k=k)
+    model = VAE(latent_dim=3, hidden_dim=16, iwae_k=k, kl_warmup_steps=warmup)
     twin = copy.deepcopy(model)
     x = torch.bernoulli(torch.full((8, 1, 28, 28), 0.3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt.param_groups[0]["num_steps"] = 1  # the second step
+    beta = 1 / 4 if warmup else 1.0
     torch.manual_seed(1)
-    out = model.training_step(x, {"adam": torch.optim.SGD(model.parameters(), lr=1.0)})
+    out = model.training_step(x, {"adam": opt})
     torch.manual_seed(1)
     if k == 1:
         rec, kl = twin(x)
-        bound, reported = rec - kl, {"train_elbo": (rec - kl).mean(), "train_kl": kl.mean()}
+        objective = rec - beta * kl
+        reported = {"train_elbo": (rec - kl).mean(), "train_kl": kl.mean()}
     else:
         rec, log_ratio = twin._iwae_terms(x, k)
+        objective = torch.logsumexp(rec + beta * log_ratio, 0) - math.log(k)
         bound = torch.logsumexp(rec + log_ratio, 0) - math.log(k)
         reported = {"train_iwae": bound.mean(), "train_kl": -log_ratio.mean()}
-    (-bound.mean()).backward()
+    if warmup:
+        reported["kl_weight"] = torch.tensor(beta)
+    (-objective.mean()).backward()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q - q.grad, msg=name)
     assert set(out) == set(reported)
