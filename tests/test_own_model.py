@@ -132,3 +132,21 @@ def test_readme_example_model_trains(fake_data_dir, tmp_path, monkeypatch):
     assert main(["train", "--model", "mymodel:MeanImage", "--out", str(run), "--epochs", "1",
                  *data_flags(fake_data_dir)]) == 0
     assert read_metrics(run)[0]["val_loss"] > 0
+
+
+def test_validation_metrics_are_means_over_images_in_unequal_batches():
+    """The trainer validates in batches of max(batch size, 500) and weights each batch's
+    numbers by its images: 700 images are 500 + 200, and the reported mean is the mean over
+    all 700 (planted bug: batches' values summed unweighted)."""
+    from dgm.distributed import Context
+    from dgm.train import _validate
+
+    class Means(nn.Module):
+        def validation_step(self, x):
+            return {"val_mean": x.mean(), "val_max": x.flatten(1).amax(1).mean()}
+
+    x = torch.rand(700, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[500:] += 1  # the second batch differs, so a wrong weighting shows
+    got = _validate(Means(), x, TrainConfig(batch_size=64), "cpu", Context())
+    assert got["val_mean"] == pytest.approx(x.mean().item(), rel=1e-6)
+    assert got["val_max"] == pytest.approx(x.flatten(1).amax(1).mean().item(), rel=1e-6)
