@@ -7,7 +7,7 @@ import torch
 from conftest import write_idx
 
 from dgm import data
-from dgm.data import IdxFile, find_file, load_split, parse_split, read_idx, verify
+from dgm.data import IdxFile, binarize, find_file, load_split, parse_split, read_idx, verify
 from dgm.errors import DgmError
 
 
@@ -99,3 +99,15 @@ def test_shared_data_checksums(real_data_dir):
     for name in ("mnist", "fashion-mnist"):
         info = data.DATASETS[name].files["test-labels"]
         assert verify(find_file(name, "test-labels", real_data_dir, offline=True), info) is None
+
+
+def test_binarize_draws_bernoulli_of_intensity_over_255():
+    """Pixel k is 1 with probability k / 255: 255 always, 0 never, the rest at that rate
+    (planted bug: k / 256, which sometimes turns a white pixel black)."""
+    gen = torch.Generator().manual_seed(0)
+    assert binarize(torch.full((10**5,), 255, dtype=torch.uint8), gen).min() == 1
+    assert binarize(torch.zeros(10**5, dtype=torch.uint8), gen).max() == 0
+    for k in (1, 64, 200, 254):
+        rate = binarize(torch.full((10**5,), k, dtype=torch.uint8), gen).mean().item()
+        p = k / 255
+        assert abs(rate - p) < 5 * (p * (1 - p) / 10**5) ** 0.5 + 1e-9, (k, rate)
