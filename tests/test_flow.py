@@ -326,6 +326,33 @@ def test_learning_rate_warms_up_linearly_from_the_first_step():
     assert opts["adam"].state_dict()["param_groups"][0]["num_steps"] == 6
 
 
+def test_gradient_clipping_bounds_the_step():
+    """--grad-clip c rescales the gradient to norm c where it is larger: one SGD step at
+    lr 1 moves the weights by c along minus the bits/dim gradient (planted bug: clipping
+    skipped)."""
+    import copy
+
+    model = tiny_flow().double()  # so that the tiny step is not lost to rounding
+    x = RealNVP.prepare(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8,
+                                      generator=torch.Generator().manual_seed(0))).double()
+    model.initialize(x)
+    model.configure_optimizers(FlowConfig(grad_clip=1e-3, warmup_steps=0))
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt.param_groups[0]["num_steps"] = 0
+    torch.manual_seed(1)
+    model.training_step(x, {"adam": opt})
+    torch.manual_seed(1)
+    twin.bits_per_dim(x).mean().backward()
+    grad = torch.cat([q.grad.flatten() for q in twin.parameters()])
+    step = torch.cat([(p - q).detach().flatten()
+                      for p, q in zip(model.parameters(), twin.parameters(), strict=True)])
+    assert grad.norm() > 1e-2  # so the clip bites
+    # clip_grad_norm_ divides by the norm plus 1e-6
+    torch.testing.assert_close(step, -1e-3 * grad / (grad.norm() + 1e-6), rtol=1e-6,
+                               atol=1e-12)
+
+
 def test_tiny_flow_learns_on_real_images(real_data_dir):
     torch.manual_seed(0)
     x, _ = load_split("mnist", "test[:576]", str(real_data_dir))
