@@ -274,7 +274,21 @@ def test_vamp_prior_draws_prepare_and_iwae_validation():
     z = model._prior_draws(eps, (mu, logvar), torch.Generator().manual_seed(3))
     k = torch.randint(len(mu), (6,), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(z, mu[k] + torch.exp(0.5 * logvar[k]) * eps)
-    assert model.sample_prior(4).shape == (4, mu.shape[1])
+    # sample_prior and the naive estimate draw from that mixture, not from N(0, I)
+    # (planted bugs: either one using eps itself).
+    gen, again = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    want = model._prior_draws(torch.randn(4, mu.shape[1], generator=again), (mu, logvar),
+                              again)
+    torch.testing.assert_close(model.sample_prior(4, gen), want)
+    xb = torch.bernoulli(torch.full((2, 1, 28, 28), 0.3))
+    torch.manual_seed(4)
+    naive = model.log_likelihood(xb, 3, "prior")[0]
+    torch.manual_seed(4)
+    with torch.no_grad():
+        z = model._prior_draws(torch.randn(3, 2, mu.shape[1]), (mu, logvar))
+        log_px_z = Bernoulli(logits=model.decode(z.flatten(0, 1)).view(3, 2, -1)).log_prob(
+            xb.flatten(1)).sum(-1)
+    torch.testing.assert_close(naive, torch.logsumexp(log_px_z, 0) - torch.log(torch.tensor(3.)))
     x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     assert torch.equal(VAE.prepare(x, torch.Generator().manual_seed(0)),
                        binarize(x, torch.Generator().manual_seed(0)))
