@@ -11,7 +11,7 @@ from conftest import write_idx
 from test_cli import vae
 
 from dgm.cli import main
-from dgm.runs import read_metrics
+from dgm.runs import read_evaluations, read_metrics
 
 
 @pytest.fixture
@@ -37,6 +37,16 @@ def test_report_is_self_contained(run_pair, tmp_path):
     for needle in ("Configuration", "Evaluation", "Metrics per epoch", "Samples by epoch",
                    "Manifold by epoch", "iwae.log_px_nats", "epoch 0", "latent_dim"):
         assert needle in page, needle
+    # The numbers themselves, to 6 significant digits beside their names (planted bug: the
+    # evaluation's values shown one row off).
+    evaluation = next(iter(read_evaluations(a).values()))
+    cells = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", page)
+    for name, value in (("iwae.log_px_nats", evaluation["iwae"]["log_px_nats"]),
+                        ("elbo.bits_per_dim", evaluation["elbo"]["bits_per_dim"]),
+                        ("latent_dim", 2)):
+        assert (name, f"{value:.6g}" if isinstance(value, float) else str(value)) in cells
+    last = read_metrics(a)[-1]
+    assert "".join(f"<td>{v:.6g}</td>" for v in last.values()) in page
     out = tmp_path / "cmp.html"
     assert main(["report", str(a), str(b), "--out", str(out)]) == 0
     cmp = out.read_text()
