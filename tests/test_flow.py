@@ -341,9 +341,11 @@ def test_gradient_clipping_bounds_the_step():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     opt.param_groups[0]["num_steps"] = 0
     torch.manual_seed(1)
-    model.training_step(x, {"adam": opt})
+    out = model.training_step(x, {"adam": opt})
     torch.manual_seed(1)
-    twin.bits_per_dim(x).mean().backward()
+    bpd = twin.bits_per_dim(x).mean()
+    bpd.backward()
+    torch.testing.assert_close(out["train_bpd"], bpd.detach())  # before the step
     grad = torch.cat([q.grad.flatten() for q in twin.parameters()])
     step = torch.cat([(p - q).detach().flatten()
                       for p, q in zip(model.parameters(), twin.parameters(), strict=True)])

@@ -349,3 +349,15 @@ def test_evaluate_vae_replayed_from_its_seed():
         assert res[key]["mc_stderr_nats"] == pytest.approx(se.mean().item(), rel=1e-6)
         assert res[key]["ess"] == pytest.approx(ess.mean().item(), rel=1e-6)
     assert res["naive"]["log_px_nats"] < res["iwae"]["log_px_nats"]
+
+
+def test_samples_are_the_decoders_bernoulli_means_at_prior_draws():
+    """sample(n) = sigmoid(decoder logits) at z ~ p(z), as images in [0, 1] (planted bug: the
+    logits themselves)."""
+    torch.manual_seed(0)
+    model = VAE(latent_dim=3, hidden_dim=16)
+    x = model.sample(5, torch.Generator().manual_seed(2))
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = Bernoulli(logits=model.decode(z)).mean.view(5, 1, 28, 28)
+    torch.testing.assert_close(x, want)
