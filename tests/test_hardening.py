@@ -5,6 +5,8 @@ import dataclasses
 import gzip
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -482,6 +484,15 @@ def test_a_new_file_that_appears_while_dgm_writes_is_kept(tmp_path):
     assert path.read_bytes() == b"yours" and list(tmp_path.iterdir()) == [path]
     atomic_write(tmp_path / "new.npz", lambda f: f.write(b"dgm's"), new=True)
     assert (tmp_path / "new.npz").read_bytes() == b"dgm's"
+    # No temporary link left beside it (planted bug: the temporary file not unlinked after
+    # the link), and the usual mode, not mkstemp's private 0600 (planted bug: no chmod).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npz", "s.npz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.npz").stat().st_mode) == 0o666 & ~umask
+    atomic_write(tmp_path / "s.npz", lambda f: f.write(b"replaced"))  # the replacing path
+    assert stat.S_IMODE((tmp_path / "s.npz").stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.npz", "s.npz"]
 
 
 def test_a_new_file_on_a_file_system_without_links(tmp_path, monkeypatch):
