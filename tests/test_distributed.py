@@ -169,3 +169,16 @@ def test_each_rank_noise_stream_is_its_own_and_reproducible():
     torch.manual_seed(0)
     untouched = torch.randn(3)
     assert torch.equal(first_draw(0, 7), untouched)
+
+
+def test_ranks_parts_tile_every_item_in_order():
+    """Each rank's part of n items is contiguous, the parts cover range(n) once in rank
+    order, and their sizes differ by at most one, also where the world does not divide n
+    (planted bug: parts of n // world, which drop the remainder)."""
+    from dgm.distributed import Context
+
+    for n in (0, 1, 5, 96, 97, 1001):
+        for world in (1, 2, 3, 4, 7):
+            parts = [range(n)[Context(rank, world).part(n)] for rank in range(world)]
+            assert [i for p in parts for i in p] == list(range(n)), (n, world)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1, (n, world)
