@@ -34,10 +34,14 @@ MODULES = sorted(".".join(p.relative_to(PKG).with_suffix("").parts)
 
 
 def dgm_imports(path: Path) -> set[str]:
-    """The dgm modules that ``path`` imports, as paths below dgm ("models.transforms")."""
+    """The dgm modules that ``path`` imports, as paths below dgm ("models.transforms"), in
+    every form: ``from dgm.x import y``, ``from dgm import x`` and ``import dgm.x``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dgm."):
+        assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}: relative import"
+        if isinstance(node, ast.ImportFrom) and node.module == "dgm":
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dgm."):
             names.add(node.module.removeprefix("dgm."))
         elif isinstance(node, ast.Import):
             names |= {a.name.removeprefix("dgm.") for a in node.names
