@@ -79,3 +79,28 @@ def test_no_recipes_and_bad_numbers_are_one_line(tmp_path, monkeypatch, capsys):
     assert "no recipes" in capsys.readouterr().err
     assert main(["bench", "x.yaml", "--seconds", "0"]) == 1
     assert "--seconds" in capsys.readouterr().err
+
+
+def test_rates_and_times_are_counted_exactly(monkeypatch):
+    """On a fake clock: a 2 n^3-flop product per call over the window's elapsed time; the
+    seconds per call of a function that takes 0.25 s; whole minutes rounded up, as hours
+    past 60 (planted bugs: n^3 flops; a call too few in the mean; "2 h 121 min")."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0  # each reading of the clock takes one second
+        return now[0]
+
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    # t0 = 1; readings 2, 3, 4 are inside the 3.5 s window (3 products), 5 is not; the
+    # rate is taken at the reading after that, 6: 5 s after t0.
+    assert bench.matmul_rate(n=4, seconds=3.5) == 2 * 4 ** 3 * 3 / 5
+
+    def quarter():
+        now[0] += 0.25
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])  # reading takes no time
+    assert bench._timed(quarter, seconds=1.0) == 0.25
+    assert [bench._hours(s) for s in (1, 59, 60, 61, 3599, 3600, 7260, 7261)] == \
+        ["1 min", "1 min", "1 min", "2 min", "1 h 00 min", "1 h 00 min", "2 h 01 min",
+         "2 h 02 min"]
