@@ -104,3 +104,22 @@ def test_rates_and_times_are_counted_exactly(monkeypatch):
     assert [bench._hours(s) for s in (1, 59, 60, 61, 3599, 3600, 7260, 7261)] == \
         ["1 min", "1 min", "1 min", "2 min", "1 h 00 min", "1 h 00 min", "2 h 01 min",
          "2 h 02 min"]
+
+
+def test_speeds_run_the_model_in_the_precision_asked(monkeypatch):
+    """Each training and validation step runs under autocast in the row's precision (planted
+    bug: always fp32, so the bf16 row measured fp32)."""
+    import contextlib
+
+    from dgm.config import GANConfig
+
+    seen = []
+
+    def autocast(device, precision):
+        seen.append(precision)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(bench, "autocast", autocast)
+    train, val = bench.speeds("gan", GANConfig(latent_dim=8, batch_size=4), "bf16", 0.0)
+    assert train > 0 and val > 0
+    assert seen and set(seen) == {"bf16"}
