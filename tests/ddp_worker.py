@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import dgm.distributed
 import dgm.models.flow
 import dgm.models.gan
 import dgm.models.vae
@@ -69,6 +70,20 @@ if exact == "1":
     dgm.train._seed_rank_noise = lambda cfg, ctx, epoch: None
     for module in (dgm.models.vae, dgm.models.gan, dgm.models.flow):
         module.adam = lambda params, lr, betas=None: torch.optim.SGD(params, lr=lr)
+
+else:
+    # The ranks start from different weights, as with different seeds, so that only the
+    # trainer's broadcast from rank 0 can make them equal (planted bug: a no-op broadcast).
+    broadcast = dgm.distributed.Context.broadcast_module
+
+    def perturbed_broadcast(self, module):
+        gen = torch.Generator().manual_seed(100 + rank)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        broadcast(self, module)
+
+    dgm.distributed.Context.broadcast_module = perturbed_broadcast
 
 # The images each training step saw: for the flow, whose loss has no noise, every rank
 # training on the whole batch would end where one process ends, and only this count shows it.

@@ -44,7 +44,8 @@ def test_two_processes_keep_identical_parameters(fake_data_dir, tmp_path, model)
     """Ranks end identical with no parameter copied after the start, each having drawn its
     own noise. Planted bugs it catches: the gradient average removed; Context.
     broadcast_buffers doing nothing (the GAN's BatchNorm statistics differ by rank, each
-    rank drawing its own z); every rank drawing the same noise (_seed_rank_noise a no-op)."""
+    rank drawing its own z); every rank drawing the same noise (_seed_rank_noise a no-op);
+    Context.broadcast_module doing nothing (the worker starts each rank from other weights)."""
     run = tmp_path / "run"
     extra = {"vae": {"hidden_dim": 32}, "gan": {},
              # Double backward (the penalties), spectral norm's power iteration, the average.
